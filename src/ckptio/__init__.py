@@ -1,0 +1,35 @@
+"""ckptio: fast, crash-safe, Hugging Face-compatible checkpoints for PyTorch training jobs."""
+
+from ckptio.booster import Booster
+from ckptio.checkpoint_io.base import CheckpointIO
+from ckptio.checkpoint_io.general import GeneralCheckpointIO
+from ckptio.checkpoint_io.model_state import LoadReport
+from ckptio.cluster import DistCoordinator
+from ckptio.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    DistributedCheckpointError,
+    StateMismatchError,
+    UnsafeCheckpointError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Booster",
+    "CheckpointIO",
+    "GeneralCheckpointIO",
+    "LoadReport",
+    "DistCoordinator",
+    "CheckpointError",
+    "CheckpointCorruptError",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "DistributedCheckpointError",
+    "StateMismatchError",
+    "UnsafeCheckpointError",
+]

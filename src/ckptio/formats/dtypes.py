@@ -1,0 +1,69 @@
+"""The one table between torch dtypes and the dtype names files use.
+
+safetensors names dtypes with short codes (``F32``); our JSON metadata uses torch's own
+names (``float32``). Unknown names raise instead of falling back to a default, so a file
+from a newer writer is never read with the wrong element size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ckptio.errors import CheckpointFormatError
+
+_SAFETENSORS_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+}
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
+    if hasattr(torch, _name):
+        _SAFETENSORS_CODES[getattr(torch, _name)] = _code
+
+_FROM_CODE = {code: dtype for dtype, code in _SAFETENSORS_CODES.items()}
+
+
+def to_safetensors_code(dtype: torch.dtype, *, path=None) -> str:
+    try:
+        return _SAFETENSORS_CODES[dtype]
+    except KeyError:
+        raise CheckpointFormatError(f"dtype {dtype} has no safetensors code", path=path) from None
+
+
+def from_safetensors_code(code: str, *, path=None) -> torch.dtype:
+    try:
+        return _FROM_CODE[code]
+    except (KeyError, TypeError):
+        raise CheckpointFormatError(
+            f"unknown safetensors dtype {code!r}; known: {sorted(_FROM_CODE)}", path=path
+        ) from None
+
+
+def to_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``, the name used in our JSON."""
+    return str(dtype).removeprefix("torch.")
+
+
+def from_name(name: str, *, path=None) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointFormatError(f"unknown dtype name {name!r}", path=path)
+    return dtype
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

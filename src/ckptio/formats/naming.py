@@ -1,0 +1,80 @@
+"""Every file name ckptio writes or recognises, defined in one place.
+
+Names follow Hugging Face (``model-00001-of-00004.safetensors``) and ColossalAI's prefix
+rule (the prefix goes before the last extension: ``pytorch_model.ema.bin``,
+``model.safetensors.index.ema.json``). Parsing uses anchored regexes only.
+"""
+
+from __future__ import annotations
+
+import re
+
+SAFETENSORS_WEIGHTS = "model.safetensors"
+BIN_WEIGHTS = "pytorch_model.bin"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+HF_CONFIG = "config.json"
+HF_GENERATION_CONFIG = "generation_config.json"
+MANIFEST = "ckptio_manifest.json"
+
+# Temporaries are hidden siblings: `.NAME.ckptio-tmp-TOKEN` (being written) and
+# `.NAME.ckptio-old-TOKEN` (a replaced checkpoint, deleted right after the commit).
+TMP_MARK = ".ckptio-tmp-"
+OLD_MARK = ".ckptio-old-"
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+_INDEX_RE = re.compile(r"^[^/\\]+\.index(?:\.[^./\\]+)?\.json$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_prefix(prefix: str | None) -> str | None:
+    """A prefix becomes part of file names, so it may not contain dots or path separators."""
+    if prefix is None or prefix == "":
+        return None
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        raise ValueError(f"prefix must be letters, digits, '_' or '-', got {prefix!r}")
+    return prefix
+
+
+def add_prefix(name: str, prefix: str | None) -> str:
+    """``pytorch_model.bin`` + ``ema`` -> ``pytorch_model.ema.bin`` (ColossalAI's rule)."""
+    if not prefix:
+        return name
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.{prefix}.{ext}"
+
+
+def weights_name(use_safetensors: bool, prefix: str | None = None) -> str:
+    return add_prefix(SAFETENSORS_WEIGHTS if use_safetensors else BIN_WEIGHTS, prefix)
+
+
+def index_name(use_safetensors: bool, prefix: str | None = None) -> str:
+    return add_prefix(SAFETENSORS_INDEX if use_safetensors else BIN_INDEX, prefix)
+
+
+def shard_name(weights: str, index: int, total: int) -> str:
+    """Shard ``index`` (0-based) of ``total``: ``model-00001-of-00004.safetensors``."""
+    stem, _, ext = weights.rpartition(".")
+    return f"{stem}-{index + 1:05d}-of-{total:05d}.{ext}"
+
+
+def is_index_file(name: str) -> bool:
+    return bool(_INDEX_RE.match(name))
+
+
+def model_files_pattern(prefix: str | None) -> re.Pattern[str]:
+    """Every model-weight file a save with this prefix owns, in either format.
+
+    A new save replaces all of them, so switching from ``.bin`` to safetensors, or to fewer
+    shards, leaves no stale file behind. Files of other prefixes do not match.
+    """
+    p = re.escape(f".{prefix}") if prefix else ""
+    return re.compile(
+        rf"^(?:(?:model|pytorch_model){p}(?:-\d{{5}}(?:-of-\d{{5}})?)?\.(?:safetensors|bin)"
+        rf"|(?:model\.safetensors|pytorch_model\.bin)\.index{p}\.json)$"
+    )
+
+
+def is_temporary(name: str) -> bool:
+    return TMP_MARK in name or OLD_MARK in name

@@ -1,0 +1,242 @@
+"""The safetensors format, written and read by ckptio itself.
+
+Why not only the ``safetensors`` package: writing must stream tensor memory straight to
+the storage (and through its checksum) with no intermediate ``bytes``; reading must land
+bytes directly in tensors that already exist, or read only a row range of a tensor for a
+sharded rank. The layout is the public one: an 8-byte little-endian header length, a
+JSON header padded with spaces to 8 bytes, then the tensors back to back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+
+from ckptio.errors import CheckpointCorruptError, CheckpointFormatError
+from ckptio.formats import dtypes
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file (offsets are absolute in the file)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor, for any dtype (bfloat16 too)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"tensor must be on the CPU to be written, found {tensor.device}")
+    if not tensor.is_contiguous():
+        raise ValueError("tensor must be contiguous to be written; call .contiguous() first")
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def build_header(
+    entries: Sequence[tuple[str, torch.dtype, Sequence[int]]], metadata: dict[str, str] | None = None
+) -> bytes:
+    """The length prefix and padded JSON header for tensors laid out in ``entries`` order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtypes.element_size(dtype)
+        header[name] = {
+            "dtype": dtypes.to_safetensors_code(dtype),
+            "shape": [int(d) for d in shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    body = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-(len(body) + 8) % _ALIGN)
+    return struct.pack("<Q", len(body)) + body
+
+
+def iter_file_chunks(
+    tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> Iterator[memoryview | bytes]:
+    """The bytes of a whole safetensors file, as the header then one view per tensor."""
+    yield build_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors], metadata)
+    for _, tensor in tensors:
+        view = tensor_bytes(tensor)
+        if len(view):
+            yield view
+
+
+def file_size(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> int:
+    header = build_header([(n, t.dtype, tuple(t.shape)) for n, t in tensors], metadata)
+    return len(header) + sum(t.numel() * t.element_size() for _, t in tensors)
+
+
+def _readinto_exact(fh: BinaryIO, offset: int, view: memoryview, path: str) -> None:
+    fh.seek(offset)
+    done = 0
+    while done < len(view):
+        n = fh.readinto(view[done:])
+        if not n:
+            raise CheckpointCorruptError(
+                f"file ends after {offset + done} bytes, expected at least {offset + len(view)}",
+                path=path,
+            )
+        done += n
+
+
+class SafetensorsReader:
+    """A validated safetensors file: header parsed once, tensors read on request.
+
+    The header is checked completely before any tensor is read: known dtypes, shapes that
+    match their byte ranges, and ranges that tile the data section exactly (no overlap, no
+    gap, nothing past the end). A file that lies about offsets is refused up front.
+    """
+
+    def __init__(self, fh: BinaryIO, size: int, path: str | os.PathLike) -> None:
+        self._fh = fh
+        self.path = os.fspath(path)
+        self.size = size
+        self.metadata, self.tensors = self._parse_header()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> SafetensorsReader:
+        try:
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 (owned by the reader)
+        except FileNotFoundError:
+            from ckptio.errors import CheckpointNotFoundError
+
+            raise CheckpointNotFoundError("safetensors file does not exist", path=path) from None
+        try:
+            return cls(fh, os.fstat(fh.fileno()).st_size, path)
+        except BaseException:
+            fh.close()
+            raise
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _parse_header(self) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+        path = self.path
+        if self.size < 8:
+            raise CheckpointCorruptError(
+                f"not a safetensors file: {self.size} bytes, shorter than the 8-byte header length",
+                path=path,
+            )
+        prefix = bytearray(8)
+        _readinto_exact(self._fh, 0, memoryview(prefix), path)
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > self.size:
+            raise CheckpointCorruptError(
+                f"safetensors header claims {header_len} bytes but the file has {self.size}", path=path
+            )
+        raw = bytearray(header_len)
+        _readinto_exact(self._fh, 8, memoryview(raw), path)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointFormatError(f"safetensors header is not valid JSON: {exc}", path=path) from exc
+        if not isinstance(header, dict):
+            raise CheckpointFormatError("safetensors header is not a JSON object", path=path)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointFormatError("safetensors __metadata__ is not an object", path=path)
+        data_start = 8 + header_len
+        infos: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            infos[name] = self._parse_entry(name, entry, data_start)
+        ordered = sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].end))
+        expected = data_start
+        for name, info in ordered:
+            if info.start != expected:
+                kind = "overlaps the previous tensor" if info.start < expected else "leaves a gap"
+                raise CheckpointCorruptError(f"tensor {name!r} {kind} in the data section", path=path)
+            expected = info.end
+        if expected != self.size:
+            problem = "is truncated" if expected > self.size else "has trailing bytes"
+            raise CheckpointCorruptError(
+                f"file {problem}: tensors end at byte {expected}, file size is {self.size}", path=path
+            )
+        return {str(k): str(v) for k, v in metadata.items()}, infos
+
+    def _parse_entry(self, name: str, entry: object, data_start: int) -> TensorInfo:
+        path = self.path
+        if not isinstance(entry, dict):
+            raise CheckpointFormatError(f"header entry {name!r} is not an object", path=path)
+        dtype = dtypes.from_safetensors_code(entry.get("dtype"), path=path)
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointFormatError(f"tensor {name!r} has an invalid shape {shape!r}", path=path)
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise CheckpointFormatError(f"tensor {name!r} has invalid data_offsets {offsets!r}", path=path)
+        nbytes = math.prod(shape) * dtypes.element_size(dtype)
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointCorruptError(
+                f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, "
+                f"data_offsets give {offsets[1] - offsets[0]}",
+                path=path,
+            )
+        return TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (contiguous, CPU, same dtype and element count) from the file."""
+        info = self.tensors[name]
+        if out.dtype != info.dtype or out.numel() * out.element_size() != info.nbytes:
+            raise ValueError(f"{name}: destination {out.dtype}{tuple(out.shape)} does not fit {info}")
+        if info.nbytes:
+            _readinto_exact(self._fh, info.start, tensor_bytes(out), self.path)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` along dim 0, reading only their bytes (one rank's slice)."""
+        info = self.tensors[name]
+        if not info.shape:
+            return self.read(name)
+        rows = info.shape[0]
+        start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
+        stop = max(stop, start)
+        row_bytes = (info.nbytes // rows) if rows else 0
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
+        if out.numel():
+            _readinto_exact(self._fh, info.start + start * row_bytes, tensor_bytes(out), self.path)
+        return out

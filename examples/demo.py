@@ -31,7 +31,7 @@ def main() -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = torch.randn(512, 64)
     labels = torch.randint(0, 10, (512,))
-    for step in range(args.steps):
+    for _step in range(args.steps):
         idx = torch.randint(0, 512, (32,))
         loss = nn.functional.cross_entropy(model(data[idx]), labels[idx])
         optimizer.zero_grad()

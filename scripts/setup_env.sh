@@ -11,8 +11,12 @@ fi
 stamp=.venv/.ckptio-installed
 want=$(cat pyproject.toml scripts/constraints-dev.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-    echo "[setup] installing ckptio and its dev dependencies into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -c scripts/constraints-dev.txt torch
-    .venv/bin/python -m pip install -q --disable-pip-version-check -c scripts/constraints-dev.txt -e ".[dev]"
+    echo "[setup] installing ckptio and its dev dependencies into .venv (log: .venv/install.log)"
+    pip_install() {
+        .venv/bin/python -m pip install -q --disable-pip-version-check -c scripts/constraints-dev.txt "$@" \
+            >> .venv/install.log 2>&1 || { cat .venv/install.log >&2; echo "[setup] pip install failed" >&2; exit 1; }
+    }
+    pip_install torch
+    pip_install -e ".[dev]"
     echo "$want" > "$stamp"
 fi

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/python -m ruff check src tests examples benchmarks
+.venv/bin/python -m ruff check .
 .venv/bin/python -m pytest -q "$@"

@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.general import GeneralCheckpointIO
 from ckptio.checkpoint_io.model_state import LoadReport
+from ckptio.checkpoint_io.optimizer_state import register_model
 from ckptio.plugins.base import Plugin
 
 PathLike = str | os.PathLike
@@ -39,9 +40,13 @@ class Booster:
         lr_scheduler: Any = None,
     ) -> tuple[nn.Module, Optimizer | None, Any, Any, Any]:
         """Return ``(model, optimizer, criterion, dataloader, lr_scheduler)``, wrapped for the plugin."""
-        if self.plugin is None:
-            return model, optimizer, criterion, dataloader, lr_scheduler
-        return self.plugin.configure(model, optimizer, criterion, dataloader, lr_scheduler)
+        if self.plugin is not None:
+            model, optimizer, criterion, dataloader, lr_scheduler = self.plugin.configure(
+                model, optimizer, criterion, dataloader, lr_scheduler
+            )
+        if optimizer is not None and model is not None:
+            register_model(optimizer, model)  # optimizer state is then saved by parameter name
+        return model, optimizer, criterion, dataloader, lr_scheduler
 
     def backward(self, loss, optimizer: Optimizer | None = None) -> None:
         if self.plugin is None:

@@ -14,9 +14,12 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from ckptio.async_io.writer import AsyncSaver
 from ckptio.checkpoint_io.model_files import MiB, ModelSaveOptions
 from ckptio.checkpoint_io.model_state import LoadReport
 from ckptio.formats.naming import check_prefix
+from ckptio.progress import module_nbytes, track_io
+from ckptio.storage.location import is_url, on_local_path
 
 PathLike = str | os.PathLike
 
@@ -56,7 +59,16 @@ class CheckpointIO(ABC):
             max_shard_bytes=_check_size_per_shard(size_per_shard),
             use_safetensors=bool(use_safetensors),
         )
-        self._save_model(model, _check_path(checkpoint), opts, gather_dtensor=gather_dtensor, use_async=use_async)
+        self.wait()  # at most one save in flight: a save never races the previous async one
+        # A URL (s3://...) is saved to a local copy, then uploaded with a commit marker (synchronously).
+        with track_io("save model", lambda: module_nbytes(model), direction="write", quiet=bool(use_async)):
+            on_local_path(
+                _check_path(checkpoint),
+                lambda path: self._save_model(
+                    model, path, opts, gather_dtensor=gather_dtensor, use_async=use_async and not is_url(checkpoint)
+                ),
+                save=True,
+            )
 
     def load_model(
         self,
@@ -74,14 +86,19 @@ class CheckpointIO(ABC):
         """
         if not isinstance(num_threads, int) or num_threads < 1:
             raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
-        return self._load_model(
-            model,
-            _check_path(checkpoint),
-            strict=bool(strict),
-            low_cpu_mem_mode=bool(low_cpu_mem_mode),
-            num_threads=num_threads,
-            verify=bool(verify),
-        )
+        with track_io("load model", lambda: module_nbytes(model), direction="read"):
+            return on_local_path(
+                _check_path(checkpoint),
+                lambda path: self._load_model(
+                    model,
+                    path,
+                    strict=bool(strict),
+                    low_cpu_mem_mode=bool(low_cpu_mem_mode),
+                    num_threads=num_threads,
+                    verify=bool(verify),
+                ),
+                save=False,
+            )
 
     # ------------------------------------------------------------------ optimizer
     def save_optimizer(
@@ -95,14 +112,20 @@ class CheckpointIO(ABC):
         use_async: bool = False,
     ) -> None:
         """Save optimizer state: one file, or (``shard=True``) a folder of shards."""
-        self._save_optimizer(
-            optimizer,
+        self.wait()
+        prefix, max_shard_bytes = check_prefix(prefix), _check_size_per_shard(size_per_shard)
+        on_local_path(
             _check_path(checkpoint),
-            shard=bool(shard),
-            gather_dtensor=gather_dtensor,
-            prefix=check_prefix(prefix),
-            max_shard_bytes=_check_size_per_shard(size_per_shard),
-            use_async=use_async,
+            lambda path: self._save_optimizer(
+                optimizer,
+                path,
+                shard=bool(shard),
+                gather_dtensor=gather_dtensor,
+                prefix=prefix,
+                max_shard_bytes=max_shard_bytes,
+                use_async=use_async and not is_url(checkpoint),
+            ),
+            save=True,
         )
 
     def load_optimizer(
@@ -116,27 +139,46 @@ class CheckpointIO(ABC):
         """Load optimizer state saved in any supported layout into ``optimizer``."""
         if not isinstance(num_threads, int) or num_threads < 1:
             raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
-        self._load_optimizer(
-            optimizer,
+        on_local_path(
             _check_path(checkpoint),
-            low_cpu_mem_mode=bool(low_cpu_mem_mode),
-            num_threads=num_threads,
-            verify=bool(verify),
+            lambda path: self._load_optimizer(
+                optimizer,
+                path,
+                low_cpu_mem_mode=bool(low_cpu_mem_mode),
+                num_threads=num_threads,
+                verify=bool(verify),
+            ),
+            save=False,
         )
 
     # ------------------------------------------------------------------ lr scheduler
     def save_lr_scheduler(self, lr_scheduler: Any, checkpoint: PathLike) -> None:
         """Save an LR scheduler's ``state_dict()`` (JSON when every value allows)."""
-        self._save_lr_scheduler(lr_scheduler, _check_path(checkpoint))
+        self.wait()
+        on_local_path(_check_path(checkpoint), lambda path: self._save_lr_scheduler(lr_scheduler, path), save=True)
 
     def load_lr_scheduler(self, lr_scheduler: Any, checkpoint: PathLike) -> None:
         """Load an LR scheduler's state saved by ckptio or ColossalAI."""
-        self._load_lr_scheduler(lr_scheduler, _check_path(checkpoint))
+        on_local_path(_check_path(checkpoint), lambda path: self._load_lr_scheduler(lr_scheduler, path), save=False)
 
     # ------------------------------------------------------------------ async
+    @property
+    def async_saver(self) -> AsyncSaver:
+        """The background writer for ``use_async=True`` saves (created on first use).
+
+        Its staging buffers keep one host copy per kind of state (model, optimizer) alive
+        between saves; ``async_saver.release_staging()`` frees them.
+        """
+        saver = self.__dict__.get("_async_saver")
+        if saver is None:
+            saver = self.__dict__["_async_saver"] = AsyncSaver()
+        return saver
+
     def wait(self) -> None:
         """Block until every async save started by this object is durable; re-raise its error."""
-        return None
+        saver = self.__dict__.get("_async_saver")
+        if saver is not None:
+            saver.wait()
 
     # ------------------------------------------------------------------ hooks
     @abstractmethod

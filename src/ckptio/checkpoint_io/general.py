@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.hf_config import hf_config_files
-from ckptio.checkpoint_io.model_files import ModelSaveOptions, load_model_state, save_model_state
+from ckptio.checkpoint_io.lr_scheduler_files import (
+    load_lr_scheduler_state,
+    save_lr_scheduler_state,
+    write_lr_scheduler,
+)
+from ckptio.checkpoint_io.model_files import (
+    ModelSaveOptions,
+    load_model_state,
+    save_model_state,
+    write_model_files,
+)
 from ckptio.checkpoint_io.model_state import (
     LoadReport,
     alias_groups,
@@ -14,6 +26,14 @@ from ckptio.checkpoint_io.model_state import (
     model_state_for_save,
     unwrap_model,
 )
+from ckptio.checkpoint_io.optimizer_files import (
+    OptimizerSaveOptions,
+    load_optimizer_state,
+    save_optimizer_state,
+    write_optimizer_files,
+)
+from ckptio.checkpoint_io.optimizer_files import snapshot as optimizer_snapshot
+from ckptio.cluster import DistCoordinator
 
 
 def live_model_state(model: nn.Module) -> tuple[dict, dict[str, str]]:
@@ -22,10 +42,34 @@ def live_model_state(model: nn.Module) -> tuple[dict, dict[str, str]]:
     return state, alias_groups(state)
 
 
+def live_model_state_for_staging(model: nn.Module) -> dict:
+    """The tensors an async save snapshots: clean names, tied tensors once, still on their device.
+
+    Unlike :func:`model_state_for_save` nothing is moved or made contiguous here: the staging
+    copy does both in one pass into reused host memory.
+    """
+    raw = {clean_key(k): v for k, v in unwrap_model(model).state_dict().items()}
+    aliases = alias_groups(raw)
+    return {k: v for k, v in raw.items() if k not in aliases}
+
+
 class GeneralCheckpointIO(CheckpointIO):
+    #: Layout of sharded optimizer saves: "ckptio" (parameter names, safetensors + JSON, the
+    #: default) or "colossalai" (ColossalAI's pytorch_optim.bin.index.json layout). Loading
+    #: detects the layout. Set it on the instance: ``booster.checkpoint_io.optimizer_layout = "colossalai"``.
+    optimizer_layout: str = "ckptio"
+
     def _save_model(self, model: nn.Module, checkpoint: str, opts: ModelSaveOptions, *, gather_dtensor, use_async):
-        state, _ = model_state_for_save(model)
         extra = hf_config_files(unwrap_model(model)) if opts.shard else None
+        if use_async:
+            live = live_model_state_for_staging(model)
+            self.async_saver.submit(
+                lambda staging: staging.stage(live, slot="model"),
+                lambda staged: save_model_state(staged, checkpoint, opts, extra_files=extra),
+                what=f"model to {checkpoint}",
+            )
+            return
+        state, _ = model_state_for_save(model)
         save_model_state(state, checkpoint, opts, extra_files=extra)
 
     def _load_model(self, model: nn.Module, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify):
@@ -34,3 +78,46 @@ class GeneralCheckpointIO(CheckpointIO):
             dest, checkpoint, strict=strict, aliases=aliases, num_threads=num_threads, verify=verify
         )
         return report
+
+    # ------------------------------------------------------------------ optimizer / scheduler
+    def _save_optimizer(self, optimizer, checkpoint: str, *, shard, gather_dtensor, prefix, max_shard_bytes, use_async):
+        opts = OptimizerSaveOptions(shard, prefix, max_shard_bytes, self.optimizer_layout)
+        snap = optimizer_snapshot(optimizer)
+        if use_async:
+            self.async_saver.submit(
+                lambda staging: replace(snap, state_dict=staging.stage_tree(snap.state_dict, slot="optimizer")),
+                lambda staged: save_optimizer_state(staged, checkpoint, opts),
+                what=f"optimizer to {checkpoint}",
+            )
+            return
+        save_optimizer_state(snap, checkpoint, opts)
+
+    def _load_optimizer(self, optimizer, checkpoint: str, *, low_cpu_mem_mode, num_threads, verify):
+        load_optimizer_state(optimizer, checkpoint, verify=verify)
+
+    def _save_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
+        save_lr_scheduler_state(lr_scheduler, checkpoint)
+
+    def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
+        load_lr_scheduler_state(lr_scheduler, checkpoint)
+
+    # ------------------------------------------------------------------ writing into a training checkpoint
+    # ``ckptio.training.save_checkpoint`` stages one folder and calls these on EVERY rank with
+    # a writer into it; they return the records of the files this rank wrote. Here (state
+    # replicated or one process) the global master writes; distributed CheckpointIOs override.
+    def _write_model_into(self, writer, subdir: str, model: nn.Module, opts: ModelSaveOptions) -> list:
+        if not DistCoordinator().is_master():
+            return []
+        state, _ = model_state_for_save(model)
+        extra = hf_config_files(unwrap_model(model)) if opts.shard else {}
+        return write_model_files(writer, state, opts, subdir=subdir, extra_files=extra)
+
+    def _write_optimizer_into(self, writer, subdir: str, optimizer, opts: OptimizerSaveOptions) -> list:
+        if not DistCoordinator().is_master():
+            return []
+        return write_optimizer_files(writer, optimizer_snapshot(optimizer), opts, subdir=subdir)
+
+    def _write_lr_scheduler_into(self, writer, name: str, lr_scheduler) -> list:
+        if not DistCoordinator().is_master():
+            return []
+        return [write_lr_scheduler(writer, name, lr_scheduler)]

@@ -36,9 +36,12 @@ from ckptio.formats.hf_index import ShardIndex, index_json, read_index
 from ckptio.planning.split import split_greedy
 from ckptio.storage import atomic
 from ckptio.storage.base import FileRecord, FileWriter
+from ckptio.storage.location import is_url, on_local_path
 from ckptio.storage.verify import check_against_manifest
 
 MiB = 1024 * 1024
+# Shard files written at once by one process (measured: 2 beats 1 on the 2-core reference machine).
+WRITE_THREADS = 2
 SAFETENSORS_METADATA = {"format": "pt"}
 
 
@@ -109,11 +112,20 @@ def write_model_files(
     """
     plan = plan or plan_model_files(tensor_sizes(state), opts)
     prefix = f"{subdir}/" if subdir else ""
-    records = []
-    for i, (name, keys) in enumerate(plan.files):
-        if which_files(i):
-            tensors = [(k, state[k]) for k in keys]
-            records.append(write_weights_file(writer, prefix + name, tensors, use_safetensors=opts.use_safetensors))
+    mine = [(prefix + name, keys) for i, (name, keys) in enumerate(plan.files) if which_files(i)]
+
+    def write_one(item: tuple[str, tuple[str, ...]]) -> FileRecord:
+        name, keys = item
+        return write_weights_file(writer, name, [(k, state[k]) for k in keys], use_safetensors=opts.use_safetensors)
+
+    threads = min(WRITE_THREADS, len(mine))
+    if threads > 1:
+        # Shards are written concurrently: file writes and hashing release the GIL, and two
+        # files in flight keep the disk busy while the other thread fills the page cache.
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptio-write") as pool:
+            records = list(pool.map(write_one, mine))
+    else:
+        records = [write_one(item) for item in mine]
     if extra_files is not None:
         records.extend(write_model_metadata(writer, plan, opts, subdir=subdir, extra_files=extra_files))
     return records
@@ -146,6 +158,9 @@ def save_model_state(
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Save a clean state dict to ``checkpoint`` (a file, or a folder when sharding)."""
+    if is_url(checkpoint):  # object store: save a local copy, upload it, commit marker last
+        on_local_path(checkpoint, lambda p: save_model_state(state, p, opts, extra_files=extra_files), save=True)
+        return checkpoint
     if not opts.shard:
         commit = atomic.FileCommit(checkpoint).begin()
         with atomic.aborting_on_error(commit):
@@ -274,6 +289,12 @@ class WeightsFile:
         else:
             dest.copy_(self._torch_state()[key])
 
+    def in_file_order(self, todo: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``(file_key, live_key)`` pairs sorted by where the bytes sit, so a cold read is sequential."""
+        if self._st is None:
+            return todo
+        return sorted(todo, key=lambda kv: self._st.tensors[kv[0]].start)
+
     def read(self, key: str) -> torch.Tensor:
         if self._st is not None:
             return self._st.read(key)
@@ -313,6 +334,12 @@ def load_model_state(
     unexpected key or shape/dtype mismatch raises one :class:`StateMismatchError` that
     lists them all and leaves ``dest`` untouched.
     """
+    if is_url(checkpoint):  # object store: download the committed version, load the local copy
+        return on_local_path(
+            checkpoint,
+            lambda p: load_model_state(dest, p, strict=strict, aliases=aliases, num_threads=num_threads, verify=verify),
+            save=False,
+        )
     ck = locate_model(checkpoint)
     check_against_manifest(ck.folder, ck.files, checksums=verify)
     report = LoadReport()
@@ -363,7 +390,7 @@ def load_model_state(
         weights = WeightsFile(ck.folder / name)
         try:
             with torch.no_grad():
-                for file_key, live_key in todo:
+                for file_key, live_key in weights.in_file_order(todo):
                     weights.copy_into(file_key, dest[live_key])
         except CheckpointError:
             raise

@@ -22,6 +22,11 @@ MANIFEST = "ckptio_manifest.json"
 TMP_MARK = ".ckptio-tmp-"
 OLD_MARK = ".ckptio-old-"
 
+# Object stores (fsspec URLs) have no atomic rename: a folder save writes its files under a
+# fresh `ckptio-v-TOKEN/` sub-prefix and then the commit marker, LAST, naming that version.
+COMMIT_MARKER = "_CKPTIO_COMMITTED"
+REMOTE_VERSION_PREFIX = "ckptio-v-"
+
 SINGLE_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _INDEX_RE = re.compile(r"^[^/\\]+\.index(?:\.[^./\\]+)?\.json$")

@@ -1,0 +1,219 @@
+"""Optimizer state across ranks, by parameter name.
+
+The flat ``{"<param>/<state>": tensor}`` + JSON description of
+:mod:`ckptio.checkpoint_io.optimizer_state` goes through the same multi-rank engine as
+model weights: sharded state (FSDP2's DTensor ``exp_avg``...) is written by owner ranks in
+the same files a single process writes (``optimizer-0000k-of-0000n.safetensors`` +
+``optimizer.index.json``), so it loads at another world size or into a plain optimizer.
+Loading matches saved and live parameters by name, then each rank reads only the box of
+each state tensor that its parameter shard covers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ckptio.checkpoint_io import optimizer_files as ofiles
+from ckptio.checkpoint_io import optimizer_state as ostate
+from ckptio.checkpoint_io.distributed_state import WriteSpec, write_state
+from ckptio.checkpoint_io.distributed_tensors import BoxReader, is_dtensor, local_region
+from ckptio.checkpoint_io.model_files import ModelFilePlan
+from ckptio.errors import CheckpointCorruptError, CheckpointFormatError
+from ckptio.formats import colossal_optim, torch_format
+from ckptio.formats.hf_index import read_index
+from ckptio.planning.collectives import Group, collective_step
+from ckptio.planning.plan import OwnedFilePlan
+from ckptio.storage import atomic
+from ckptio.storage.base import FileRecord, FileWriter
+
+
+def has_dtensor_state(optimizer: torch.optim.Optimizer) -> bool:
+    return any(is_dtensor(v) for entries in optimizer.state.values() for v in entries.values())
+
+
+def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flat state tensors (DTensors stay DTensors) and the JSON description, by name."""
+    names = ostate.param_names(optimizer)
+    shapes = [tuple(p.shape) for group in ostate.optimizer_params(optimizer) for p in group]
+    return ostate.flatten_optimizer_state(optimizer.state_dict(), names, shapes)
+
+
+def index_writer(description: dict[str, Any], prefix: str | None, subdir: str = ""):
+    """The master's last step of a sharded save: the optimizer index for ``plan``."""
+
+    def write(writer: FileWriter, plan: OwnedFilePlan) -> list[FileRecord]:
+        model_plan = ModelFilePlan(tuple(plan.files), plan.weight_map or {}, plan.total_size)
+        base = f"{subdir}/" if subdir else ""
+        body = ofiles.optimizer_index_bytes(model_plan, description)
+        return [writer.write(base + ofiles.index_name(prefix), [body])]
+
+    return write
+
+
+def optimizer_write_spec(opts: ofiles.OptimizerSaveOptions) -> WriteSpec:
+    return WriteSpec(ofiles.weights_name(opts.prefix), opts.max_shard_bytes, shard=True, use_safetensors=True)
+
+
+def write_optimizer_into(
+    writer: FileWriter, subdir: str, optimizer: torch.optim.Optimizer, opts: ofiles.OptimizerSaveOptions, group: Group
+) -> list[FileRecord]:
+    """Every rank writes its owned optimizer shards into a shared staging folder; the
+    master adds the index. Returns this rank's records."""
+    if opts.layout != "ckptio":
+        full = full_state_dict_on_master(optimizer, group)
+        return collective_step(
+            group,
+            "writing the optimizer (ColossalAI layout)",
+            lambda: (
+                colossal_optim.write(
+                    writer, full, prefix=opts.prefix, max_shard_bytes=opts.max_shard_bytes, subdir=subdir
+                )
+                if group.rank == 0
+                else []
+            ),
+        )
+    flat, description = flat_optimizer_state(optimizer)
+    plan, records = write_state(flat, writer, optimizer_write_spec(opts), group, subdir=subdir)
+    write_index = index_writer(description, opts.prefix, subdir)
+    records += collective_step(
+        group, "writing the optimizer index", lambda: write_index(writer, plan) if group.rank == 0 else []
+    )
+    return records
+
+
+def full_state_dict_on_master(optimizer: torch.optim.Optimizer, group: Group) -> dict[str, Any] | None:
+    """``optimizer.state_dict()`` with full CPU tensors on the master (``None`` elsewhere).
+
+    For layouts that keep whole tensors in one place (one torch file, ColossalAI's layout);
+    DTensors are all-gathered one at a time.
+    """
+    sd = optimizer.state_dict()
+    state: dict[Any, dict[str, Any]] = {}
+    for pid, entries in sd["state"].items():  # the same order on every rank
+        out = {}
+        for sname, value in entries.items():
+            if is_dtensor(value):
+                value = value.full_tensor()
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().contiguous()
+            out[sname] = value
+        state[pid] = out
+    return {"state": state, "param_groups": sd["param_groups"]} if group.rank == 0 else None
+
+
+def save_full_on_master(
+    optimizer: torch.optim.Optimizer, checkpoint: str, opts: ofiles.OptimizerSaveOptions, group: Group
+) -> None:
+    """``shard=False`` (one torch file) or the ColossalAI layout, written by the master."""
+    full = full_state_dict_on_master(optimizer, group)
+
+    def save() -> None:
+        if group.rank != 0:
+            return
+        if not opts.shard:
+            commit: Any = atomic.FileCommit(checkpoint).begin()
+            with atomic.aborting_on_error(commit):
+                with commit.writer.open_stream(commit.staging_name) as stream:
+                    torch_format.save(full, stream)
+                commit.commit(stream.record)
+            return
+        commit = atomic.FolderCommit(checkpoint, owns=ofiles.owned_files(opts.prefix)).begin()
+        with atomic.aborting_on_error(commit):
+            commit.commit(
+                colossal_optim.write(commit.writer, full, prefix=opts.prefix, max_shard_bytes=opts.max_shard_bytes)
+            )
+
+    collective_step(group, f"saving the optimizer to {checkpoint}", save)
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The part of a full state tensor that goes with ``param``'s shard, as a DTensor laid
+    out like ``param`` (state tensors of elementwise optimizers have the parameter's shape)."""
+    if not is_dtensor(param) or tuple(full.shape) != tuple(param.shape):
+        return full
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    region = local_region(param)
+    device = param.to_local().device
+    if not region.box:
+        return distribute_tensor(full.to(device), param.device_mesh, param.placements, src_data_rank=None)
+    local = full[region.index()].to(device).contiguous() if full.dim() else full.to(device)
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
+class _BoxRefReader:
+    """Resolves a :class:`~ckptio.checkpoint_io.optimizer_state.TensorRef` to the part this
+    rank needs: for a DTensor parameter only its box is read from the file."""
+
+    def __init__(self, folder, weight_map: dict[str, str]) -> None:
+        self.folder = folder
+        self.weight_map = weight_map
+        self._open: dict[str, BoxReader] = {}
+
+    def _reader(self, ref: ostate.TensorRef) -> BoxReader:
+        name = self.weight_map.get(ref.key)
+        if name is None:
+            raise CheckpointCorruptError(f"index has no file for state tensor {ref.key!r}", path=self.folder)
+        reader = self._open.get(name)
+        if reader is None:
+            reader = self._open[name] = BoxReader(self.folder / name)
+        found = reader.shapes().get(ref.key)
+        if found is None or found[0] != ref.dtype or tuple(found[1]) != ref.shape:
+            raise CheckpointCorruptError(
+                f"state tensor {ref.key!r} is missing or differs from the index ({ref.dtype}{list(ref.shape)})",
+                path=self.folder / name,
+            )
+        return reader
+
+    def __call__(self, ref: ostate.TensorRef, param: torch.Tensor) -> torch.Tensor:
+        reader = self._reader(ref)
+        if not is_dtensor(param) or ref.shape != tuple(param.shape):
+            return reader.read_full(ref.key)
+        region = local_region(param)
+        if not region.box:
+            return shard_like(reader.read_full(ref.key), param)
+        from torch.distributed.tensor import DTensor
+
+        local = torch.empty(region.shape, dtype=ref.dtype)
+        if region.numel:
+            reader.read_box(ref.key, region, local)
+        local = local.to(param.to_local().device)
+        return DTensor.from_local(
+            local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+
+    def close(self) -> None:
+        for reader in self._open.values():
+            reader.close()
+        self._open.clear()
+
+
+def load_optimizer_local(optimizer: torch.optim.Optimizer, checkpoint: str, *, verify: bool) -> None:
+    """This rank's part of a collective optimizer load (any layout, any saved world size)."""
+    located = ofiles.locate_optimizer(checkpoint)
+    saved, reader = ofiles.read_saved_optimizer(located, verify=verify)
+    if reader is not None:
+        reader.close()
+    skeleton, params = ostate.match_saved_to_live(saved, optimizer, ostate.param_names(optimizer))
+    if located.layout == "ckptio":
+        boxes = _BoxRefReader(located.path.parent, read_index(located.path).weight_map)
+        try:
+            ostate.materialize(skeleton, params, boxes)
+        finally:
+            boxes.close()
+    else:  # whole tensors were read; keep this rank's part of each
+        for pid, entries in skeleton["state"].items():
+            for sname, value in entries.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    entries[sname] = shard_like(value, params[pid])
+    try:
+        optimizer.load_state_dict(skeleton)
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise CheckpointFormatError(f"optimizer refused the loaded state: {exc}", path=checkpoint) from exc

@@ -1,0 +1,273 @@
+"""Which part of a full tensor a rank holds, how an owner collects the parts, and how a
+rank reads only its part from a file.
+
+Generic over DTensor layouts: any mesh shape, ``Shard(dim)`` on any dimension (uneven
+too), ``Replicate``, and ``Partial`` (reduced first). A rank's part is a box
+``(offset, shape)`` of the full tensor computed with torch's own
+``compute_local_shape_and_global_offset``. Plain tensors are full replicas (DDP).
+``_StridedShard`` (FSDP2 over ``dp`` on top of tensor parallel) is a box too when the
+rank's indices are contiguous (:func:`_strided_box` checks); layouts whose local part is
+not one box fall back to ``full_tensor()`` / slicing a full read, correct but more bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ckptio.formats import safetensors_format
+from ckptio.formats.safetensors_format import TensorInfo, tensor_bytes
+from ckptio.planning.collectives import Group
+
+try:  # torch >= 2.4 exposes the public DTensor module
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover (very old torch)
+    DTensor = None  # type: ignore[assignment,misc]
+
+_RUN_BYTES = 4096  # strided runs shorter than this are read as whole rows instead (fewer syscalls)
+_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+def is_dtensor(t: object) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box of a full tensor: ``offset`` and ``shape`` per dimension. ``box=False`` means
+    the local part is not a box (strided layouts): it is handled through full tensors."""
+
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    box: bool = True
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def index(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + s) for o, s in zip(self.offset, self.shape))
+
+
+def _simple_placements(t) -> bool:
+    return all(type(p) is Shard or type(p) is Replicate for p in t.placements)
+
+
+def _strided_box(t) -> Region | None:
+    """The box a rank holds under ``_StridedShard`` placements, or ``None`` if its part is
+    not one box (or this torch lacks the helper). FSDP2 over ``dp`` on top of a tensor-parallel
+    ``Shard(d)`` on ``tp`` gives ``(_StridedShard(d, sf=tp), Shard(d))``: the dp sub-block of
+    the tp block, contiguous. Exact per-dimension indices come from torch's own helper, so
+    contiguity is checked, not assumed."""
+    try:
+        from torch.distributed.tensor._utils import _get_shard_size_and_offsets
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        mesh, coord = t.device_mesh, t.device_mesh.get_coordinate()
+        shape, indices = [int(d) for d in t.shape], {}
+        for mesh_dim, p in enumerate(t.placements):
+            if type(p) is Replicate:
+                continue
+            if not isinstance(p, (Shard, _StridedShard)):
+                return None
+            d = p.dim
+            size, idx = _get_shard_size_and_offsets(
+                shape[d], mesh.size(mesh_dim), coord[mesh_dim], p, indices.get(d), int(t.shape[d]), False
+            )
+            shape[d], indices[d] = int(size), idx
+        offset = [0] * len(shape)
+        for d, idx in indices.items():
+            if shape[d] == 0:
+                continue
+            first = int(idx[0])
+            if not torch.equal(idx.to(torch.int64), torch.arange(first, first + shape[d])):
+                return None
+            offset[d] = first
+        return Region(tuple(offset), tuple(shape))
+    except Exception:  # noqa: BLE001 (private torch helper: fall back to full tensors)
+        return None
+
+
+def without_partial(t):
+    """Reduce ``Partial`` placements (a collective over the mesh), keep the rest."""
+    if is_dtensor(t) and any(p.is_partial() for p in t.placements):
+        placements = [Replicate() if p.is_partial() else p for p in t.placements]
+        return t.redistribute(t.device_mesh, placements)
+    return t
+
+
+def local_region(t: torch.Tensor) -> Region:
+    """The box of the full tensor this rank holds (the whole tensor for a plain tensor)."""
+    full = tuple(int(d) for d in t.shape)
+    if not is_dtensor(t):
+        return Region((0,) * len(full), full)
+    if t.device_mesh.get_coordinate() is None:  # this rank is outside the tensor's mesh
+        return Region((0,) * len(full), (0,) * len(full))
+    if not _simple_placements(t):
+        strided = _strided_box(t)  # FSDP2 over dp x tensor parallel: usually still one box
+        return strided if strided is not None else Region((0,) * len(full), full, box=False)
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return Region(tuple(int(o) for o in offset), tuple(int(s) for s in shape))
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def sources(regions: list[Region]) -> list[tuple[int, Region]]:
+    """One rank per distinct non-empty box (the lowest), so replicas are sent once."""
+    seen: dict[tuple, int] = {}
+    for rank, region in enumerate(regions):
+        key = (region.offset, region.shape)
+        if region.numel and key not in seen:
+            seen[key] = rank
+    return [(rank, regions[rank]) for rank in sorted(seen.values())]
+
+
+def gather_full(t: torch.Tensor, regions: list[Region], owner: int, group: Group) -> torch.Tensor | None:
+    """Collect the full CPU tensor on ``owner`` from the boxes the ranks hold; ``None``
+    elsewhere. Every rank of ``group`` must call this for the same tensor in the same order.
+
+    Point-to-point: each distinct box travels once, from its lowest holder to the owner.
+    """
+    rank = group.rank
+    if not is_dtensor(t):
+        return t.detach().cpu().contiguous() if rank == owner else None
+    if not all(r.box for r in regions):
+        full = t.full_tensor()
+        return full.detach().cpu().contiguous() if rank == owner else None
+    local = t.to_local().detach()
+    if regions[owner].shape == tuple(t.shape):
+        # the owner holds a whole replica (Replicate, a world of one): nothing travels
+        return local.cpu().contiguous() if rank == owner else None
+    boxes = sources(regions)
+    out = torch.empty(tuple(t.shape), dtype=t.dtype) if rank == owner else None
+    ops, received = [], []
+    for src, region in boxes:
+        if src == owner:
+            if rank == owner:
+                out[region.index()].copy_(local.cpu())
+        elif rank == src:
+            ops.append(dist.isend(local.contiguous(), dst=group.global_rank(owner), group=group.group))
+        elif rank == owner:
+            view = out[region.index()]
+            direct = local.device.type == "cpu" and view.is_contiguous()  # e.g. a Shard(0) row block
+            buf = view if direct else torch.empty(region.shape, dtype=t.dtype, device=local.device)
+            ops.append(dist.irecv(buf, src=group.global_rank(src), group=group.group))
+            if not direct:
+                received.append((region, buf))
+    for op in ops:
+        op.wait()
+    for region, buf in received:
+        out[region.index()].copy_(buf.cpu())
+    return out
+
+
+# ------------------------------------------------------------------------- reading boxes
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    strides, acc = [1] * len(shape), 1
+    for d in range(len(shape) - 1, -1, -1):
+        strides[d] = acc
+        acc *= shape[d]
+    return strides
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            from ckptio.errors import CheckpointCorruptError
+
+            raise CheckpointCorruptError(f"file ends before byte {offset + len(view)}", path=path)
+        done += n
+
+
+def read_safetensors_box(path: str, fd: int, info: TensorInfo, region: Region, out: torch.Tensor) -> None:
+    """Fill ``out`` (contiguous CPU, ``region.shape``) with the box, reading only its bytes
+    when its contiguous runs are long, else whole rows of the box's dim-0 range in blocks."""
+    shape = info.shape
+    if not region.numel:
+        return
+    if not shape:
+        _pread_exact(fd, tensor_bytes(out), info.start, path)
+        return
+    # k: the last dimension that is cut; dims after it are whole, so runs span dims k..end.
+    k = 0
+    for d in range(len(shape) - 1, -1, -1):
+        if region.shape[d] != shape[d]:
+            k = d
+            break
+    strides = _strides(shape)
+    item = info.dtype.itemsize
+    run_elems = region.shape[k] * strides[k]
+    n_runs = math.prod(region.shape[:k])
+    dest = tensor_bytes(out)
+    if n_runs == 1 or run_elems * item >= _RUN_BYTES:
+        run_bytes = run_elems * item
+        for i, idx in enumerate(
+            itertools.product(*(range(o, o + s) for o, s in zip(region.offset[:k], region.shape[:k])))
+        ):
+            elem = sum(a * b for a, b in zip(idx, strides[:k])) + region.offset[k] * strides[k]
+            _pread_exact(fd, dest[i * run_bytes : (i + 1) * run_bytes], info.start + elem * item, path)
+        return
+    # Short runs: read the dim-0 rows of the box in bounded blocks and slice them.
+    row_bytes = strides[0] * item
+    rows_per_block = max(1, _BLOCK_BYTES // max(1, row_bytes))
+    inner = tuple(slice(o, o + s) for o, s in zip(region.offset[1:], region.shape[1:]))
+    start_row, stop_row = region.offset[0], region.offset[0] + region.shape[0]
+    for row in range(start_row, stop_row, rows_per_block):
+        end = min(stop_row, row + rows_per_block)
+        block = torch.empty((end - row, *shape[1:]), dtype=info.dtype)
+        _pread_exact(fd, tensor_bytes(block), info.start + row * row_bytes, path)
+        out[row - start_row : end - start_row].copy_(block[(slice(None), *inner)])
+
+
+class BoxReader:
+    """One weights file opened to read boxes of its tensors (safetensors: only their
+    bytes; ``.bin``: through an mmap'd ``weights_only`` load)."""
+
+    def __init__(self, path) -> None:
+        from ckptio.checkpoint_io.model_files import WeightsFile, is_safetensors_file
+
+        self.path = str(path)
+        self._st = safetensors_format.SafetensorsReader.open(path) if is_safetensors_file(path) else None
+        self._fd = os.open(self.path, os.O_RDONLY) if self._st is not None else None
+        self._weights = None if self._st is not None else WeightsFile(path)
+
+    def shapes(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        if self._st is not None:
+            return {k: (i.dtype, i.shape) for k, i in self._st.tensors.items()}
+        return self._weights.shapes()
+
+    def read_box(self, key: str, region: Region, dest: torch.Tensor) -> None:
+        """Copy the box ``region`` of tensor ``key`` into ``dest`` (shape ``region.shape``)."""
+        if self._st is not None:
+            direct = dest.device.type == "cpu" and dest.is_contiguous() and type(dest) is torch.Tensor
+            out = dest if direct else torch.empty(region.shape, dtype=dest.dtype)
+            read_safetensors_box(self.path, self._fd, self._st.info(key), region, out)
+            if not direct:
+                dest.copy_(out)
+            return
+        full = self._weights.read(key)
+        dest.copy_(full[region.index()] if full.dim() else full)
+
+    def read_full(self, key: str) -> torch.Tensor:
+        if self._st is not None:
+            return self._st.read(key)
+        return self._weights.read(key)
+
+    def close(self) -> None:
+        if self._st is not None:
+            self._st.close()
+            os.close(self._fd)
+        else:
+            self._weights.close()

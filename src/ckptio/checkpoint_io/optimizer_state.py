@@ -1,0 +1,354 @@
+"""Optimizer state <-> (flat ``{key: full tensor}``, JSON description), and back by name.
+
+Pure functions, no file I/O, so the single-process files, ColossalAI's layout and the
+multi-rank writers share them:
+
+* :func:`flatten_optimizer_state` turns ``optimizer.state_dict()`` into tensors keyed
+  ``"<param_name>/<state_name>"`` (full shape; a DTensor stays a DTensor, its ``shape`` is
+  the full one) plus JSON: groups with their hyper-parameters and the *names* of their
+  parameters, full parameter shapes, and scalar state (``step`` with its dtype) inline.
+* :func:`saved_from_description` / :func:`saved_from_state_dict` read either back into one
+  :class:`SavedOptimizer`, whose tensor values may be :class:`TensorRef` (not read yet).
+* :func:`match_saved_to_live` checks a saved optimizer against the live one (groups,
+  names, shapes) and returns a ``state_dict`` skeleton for ``optimizer.load_state_dict``,
+  whose refs :func:`materialize` resolves through a reader callback ``read(ref, param)``
+  ("give me the tensor for key K"), so a multi-rank loader can return just its slice.
+
+Where the names come from: an optimizer alone has none, so :func:`register_model` links an
+optimizer to its model (``Booster.boost`` and ``save_checkpoint`` do it; a weak reference,
+so nothing is kept alive). Names are the model's clean ``named_parameters()`` names. Without
+a model, or when the optimizer holds a parameter the model lacks, parameters are named by
+their positional id (``"0"``, ``"1"``, ...) and loading falls back to matching by position.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckptio.checkpoint_io import optimizer_json
+from ckptio.checkpoint_io.model_state import clean_key, unwrap_model
+from ckptio.errors import CheckpointFormatError, StateMismatchError
+from ckptio.formats import dtypes
+
+FORMAT = "ckptio-optimizer"
+FORMAT_VERSION = 1
+KEY_SEPARATOR = "/"
+
+_MODELS: weakref.WeakKeyDictionary[Any, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+# ------------------------------------------------------------------------------- names
+def register_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Remember which model ``optimizer`` trains, so its state is saved by parameter name."""
+    _MODELS[optimizer] = weakref.ref(model)
+
+
+def registered_model(optimizer: torch.optim.Optimizer) -> nn.Module | None:
+    ref = _MODELS.get(optimizer)
+    return None if ref is None else ref()
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
+    """The parameters of each group, in the order ``state_dict()`` numbers them."""
+    return [list(group["params"]) for group in optimizer.param_groups]
+
+
+def param_names(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> list[str] | None:
+    """The name of every parameter in positional-id order, or ``None`` when they are unknown."""
+    model = model if model is not None else registered_model(optimizer)
+    if model is None:
+        return None
+    by_id: dict[int, str] = {}
+    for name, param in unwrap_model(model).named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), clean_key(name))
+    names = [by_id.get(id(p)) for group in optimizer_params(optimizer) for p in group]
+    if any(n is None for n in names) or len(set(names)) != len(names):
+        return None
+    return names  # type: ignore[return-value]
+
+
+def state_key(param: str, state_name: str) -> str:
+    return f"{param}{KEY_SEPARATOR}{state_name}"
+
+
+# ------------------------------------------------------------------------------- saving
+def flatten_optimizer_state(
+    state_dict: dict[str, Any],
+    names: list[str] | None,
+    shapes: list[tuple[int, ...]] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into full tensors by key and a JSON description.
+
+    ``names[i]`` names positional id ``i`` (``None``: the ids themselves, as strings);
+    ``shapes[i]`` is that parameter's full shape, recorded so a load can check it before
+    reading. Scalar (0-dim) tensors such as ``step`` stay in the JSON with their dtype.
+    """
+    groups = state_dict.get("param_groups")
+    state = state_dict.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise CheckpointFormatError("not an optimizer state_dict: expected 'state' and 'param_groups'")
+    ids = [pid for group in groups for pid in group["params"]]
+    key_of = {pid: (names[i] if names is not None else str(pid)) for i, pid in enumerate(ids)}
+    flat: dict[str, torch.Tensor] = {}
+    desc_groups = []
+    for g, group in enumerate(groups):
+        hparams = {k: v for k, v in group.items() if k != "params"}
+        body = _encode_or_raise(hparams, f"param_groups[{g}]")
+        body["params"] = [key_of[pid] for pid in group["params"]]
+        desc_groups.append(body)
+    desc_state: dict[str, dict[str, Any]] = {}
+    for pid, entries in state.items():
+        if pid not in key_of:
+            raise CheckpointFormatError(f"optimizer state has an entry for id {pid!r} that no param group lists")
+        pname = key_of[pid]
+        out: dict[str, Any] = {}
+        for sname, value in entries.items():
+            if KEY_SEPARATOR in str(sname):
+                raise CheckpointFormatError(f"state name {sname!r} of {pname!r} contains {KEY_SEPARATOR!r}")
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                key = state_key(pname, sname)
+                flat[key] = value
+                out[sname] = TensorRef(key, value.dtype, tuple(value.shape)).to_json()
+            else:
+                if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
+                    value = value.full_tensor()  # a 0-dim DTensor: tiny, every rank has it
+                out[sname] = _encode_or_raise(value, f"state of {pname!r}: {sname}")
+        desc_state[pname] = out
+    description: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "named": names is not None,
+        "param_groups": desc_groups,
+        "state": desc_state,
+    }
+    if shapes is not None:
+        description["param_shapes"] = {key_of[pid]: list(shapes[i]) for i, pid in enumerate(ids)}
+    return flat, description
+
+
+def _encode_or_raise(value: Any, where: str) -> Any:
+    try:
+        return optimizer_json.encode(value, where)
+    except optimizer_json.NotJSONable as exc:
+        raise CheckpointFormatError(
+            f"optimizer {exc}; the ckptio format keeps only tensors, numbers, strings, lists, tuples "
+            "and dicts. Save with shard=False (a torch file) for other values."
+        ) from exc
+
+
+# ------------------------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class TensorRef:
+    """A state tensor not read yet: its key in the files, dtype and full shape."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"__ref__": {"key": self.key, "dtype": dtypes.to_name(self.dtype), "shape": list(self.shape)}}
+
+    @classmethod
+    def from_json(cls, body: Any, *, path: str | None) -> TensorRef:
+        ok = isinstance(body, dict) and isinstance(body.get("key"), str) and isinstance(body.get("shape"), list)
+        if not ok or not all(type(d) is int and d >= 0 for d in body["shape"]):
+            raise CheckpointFormatError(f"malformed tensor reference {body!r}", path=path)
+        return cls(body["key"], dtypes.from_name(body.get("dtype"), path=path), tuple(body["shape"]))
+
+
+@dataclass
+class SavedOptimizer:
+    """A saved optimizer, whatever the file layout: groups list parameter keys (names, or
+    positional ids as strings when ``named`` is False); state values are tensors,
+    :class:`TensorRef`, or plain values."""
+
+    groups: list[dict[str, Any]]
+    state: dict[str, dict[str, Any]]
+    named: bool
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    path: str | None = None
+
+
+def saved_from_description(desc: Any, *, path: str | None = None) -> SavedOptimizer:
+    """Parse the JSON written by :func:`flatten_optimizer_state` (validated, nothing trusted)."""
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        raise CheckpointFormatError(f"not a ckptio optimizer description (format {FORMAT!r} expected)", path=path)
+    version = desc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"optimizer format_version {version!r} is not supported (this ckptio reads <= {FORMAT_VERSION})", path=path
+        )
+    groups, state = desc.get("param_groups"), desc.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise CheckpointFormatError("optimizer description needs 'param_groups' (list) and 'state' (object)", path=path)
+    try:
+        parsed_groups = []
+        for group in groups:
+            if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+                raise CheckpointFormatError("every param group needs a 'params' list", path=path)
+            body = optimizer_json.decode({k: v for k, v in group.items() if k != "params"})
+            body["params"] = [str(p) for p in group["params"]]
+            parsed_groups.append(body)
+        parsed_state: dict[str, dict[str, Any]] = {}
+        for pname, entries in state.items():
+            if not isinstance(entries, dict):
+                raise CheckpointFormatError(f"state of {pname!r} must be an object", path=path)
+            parsed_state[pname] = {
+                s: (
+                    TensorRef.from_json(v["__ref__"], path=path)
+                    if isinstance(v, dict) and set(v) == {"__ref__"}
+                    else optimizer_json.decode(v)
+                )
+                for s, v in entries.items()
+            }
+    except ValueError as exc:
+        if isinstance(exc, CheckpointFormatError):
+            raise
+        raise CheckpointFormatError(f"malformed optimizer description: {exc}", path=path) from exc
+    shapes = desc.get("param_shapes") or {}
+    if not isinstance(shapes, dict):
+        raise CheckpointFormatError("'param_shapes' must be an object", path=path)
+    return SavedOptimizer(
+        parsed_groups,
+        parsed_state,
+        bool(desc.get("named")),
+        {k: tuple(v) for k, v in shapes.items() if isinstance(v, list)},
+        path,
+    )
+
+
+def saved_from_state_dict(
+    state_dict: Any, *, path: str | None = None, groups: list[dict[str, Any]] | None = None
+) -> SavedOptimizer:
+    """A plain ``optimizer.state_dict()`` (or ColossalAI's shards + group file) keyed by
+    positional ids. ``groups`` replaces ``state_dict['param_groups']`` when given."""
+    if not isinstance(state_dict, dict):
+        raise CheckpointFormatError("optimizer file must hold a dict", path=path)
+    groups = groups if groups is not None else state_dict.get("param_groups")
+    state = state_dict.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        raise CheckpointFormatError("optimizer file needs 'state' and 'param_groups'", path=path)
+    parsed = []
+    for group in groups:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list | tuple):
+            raise CheckpointFormatError("every param group needs a 'params' list", path=path)
+        body = dict(group)
+        body["params"] = [str(p) for p in group["params"]]
+        parsed.append(body)
+    return SavedOptimizer(parsed, {str(k): dict(v) for k, v in state.items()}, False, {}, path)
+
+
+def _mismatch(message: str, path: str | None) -> StateMismatchError:
+    return StateMismatchError(f"optimizer checkpoint does not fit the optimizer: {message}", path=path)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+_ELEMENTWISE_STATE_CHECK = "torch.optim"
+
+
+def match_saved_to_live(
+    saved: SavedOptimizer,
+    optimizer: torch.optim.Optimizer,
+    names: list[str] | None,
+) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
+    """Check ``saved`` against the live optimizer and build the ``state_dict`` to load.
+
+    Returns ``(state_dict, params)``: the skeleton (state keyed by the live positional ids,
+    tensors possibly still :class:`TensorRef`; each group's hyper-parameters from the file,
+    so ``lr``, ``initial_lr`` and every setting come back) and the live parameter of each id.
+    Parameters are matched by name when both sides have names, else by position; the first
+    missing, unexpected or wrongly shaped parameter raises :class:`StateMismatchError`.
+    """
+    live_groups = optimizer_params(optimizer)
+    path = saved.path
+    if len(saved.groups) != len(live_groups):
+        raise _mismatch(f"it has {len(saved.groups)} param groups, the optimizer has {len(live_groups)}", path)
+    by_name = saved.named and names is not None
+    live_ids: dict[int, torch.Tensor] = {}
+    state: dict[int, dict[str, Any]] = {}
+    out_groups = []
+    pid = 0
+    for g, (sgroup, lgroup) in enumerate(zip(saved.groups, live_groups)):
+        skeys = sgroup["params"]
+        if by_name:
+            lkeys = [names[pid + j] for j in range(len(lgroup))]  # type: ignore[index]
+            missing = [k for k in lkeys if k not in set(skeys)]
+            if missing:
+                where = _group_of(saved, missing[0])
+                detail = f" (it is in param group {where})" if where is not None else ""
+                raise _mismatch(f"parameter {missing[0]!r} of param group {g} is not in the checkpoint{detail}", path)
+            extra = [k for k in skeys if k not in set(lkeys)]
+            if extra:
+                raise _mismatch(f"checkpoint parameter {extra[0]!r} (param group {g}) is not in the optimizer", path)
+        else:
+            if len(skeys) != len(lgroup):
+                raise _mismatch(
+                    f"param group {g} has {len(skeys)} parameters in the checkpoint, {len(lgroup)} in the optimizer",
+                    path,
+                )
+            lkeys = skeys
+        ids = []
+        for j, (key, param) in enumerate(zip(lkeys, lgroup)):
+            label = names[pid + j] if names is not None else f"parameter {pid + j} (param group {g})"
+            _check_param(saved, key, param, label, optimizer)
+            live_ids[pid + j] = param
+            if key in saved.state:
+                state[pid + j] = dict(saved.state[key])
+            ids.append(pid + j)
+        pid += len(lgroup)
+        body = {k: v for k, v in sgroup.items() if k != "params"}
+        body["params"] = ids
+        out_groups.append(body)
+    return {"state": state, "param_groups": out_groups}, live_ids
+
+
+def _group_of(saved: SavedOptimizer, key: str) -> int | None:
+    for g, group in enumerate(saved.groups):
+        if key in group["params"]:
+            return g
+    return None
+
+
+def _check_param(saved: SavedOptimizer, key: str, param: torch.Tensor, label: str, optimizer) -> None:
+    path = saved.path
+    full = saved.param_shapes.get(key)
+    if full is not None and tuple(full) != _shape(param):
+        raise _mismatch(
+            f"{label}: the optimizer's parameter has shape {list(param.shape)}, the checkpoint's has {list(full)}", path
+        )
+    if full is None and type(optimizer).__module__.startswith(_ELEMENTWISE_STATE_CHECK):
+        # torch's optimizers keep element-wise state shaped like the parameter.
+        for sname, value in saved.state.get(key, {}).items():
+            shape = value.shape if isinstance(value, TensorRef | torch.Tensor) else None
+            if shape is not None and len(shape) > 0 and tuple(shape) != _shape(param):
+                raise _mismatch(
+                    f"{label}: state {sname!r} has shape {list(shape)} in the checkpoint, "
+                    f"the parameter has {list(param.shape)}",
+                    path,
+                )
+
+
+Reader = Callable[[TensorRef, torch.Tensor], torch.Tensor]
+
+
+def iter_refs(state_dict: dict[str, Any]) -> Iterator[tuple[int, str, TensorRef]]:
+    for pid, entries in state_dict["state"].items():
+        for sname, value in entries.items():
+            if isinstance(value, TensorRef):
+                yield pid, sname, value
+
+
+def materialize(state_dict: dict[str, Any], params: dict[int, torch.Tensor], read: Reader) -> dict[str, Any]:
+    """Replace every :class:`TensorRef` by ``read(ref, live_param)``, in place; returns the dict."""
+    for pid, sname, ref in list(iter_refs(state_dict)):
+        state_dict["state"][pid][sname] = read(ref, params[pid])
+    return state_dict

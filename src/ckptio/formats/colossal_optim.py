@@ -1,0 +1,118 @@
+"""ColossalAI's sharded optimizer layout (SPEC §3), read and written.
+
+A folder holding::
+
+    pytorch_optim.bin.index.json   {"metadata": {"total_size": N, "param_groups": "pytorch_optim_group.bin"},
+                                    "weight_map": {"0": "pytorch_optim-00001.bin", ...}}
+    pytorch_optim_group.bin        torch.save(list of param groups, "params" = integer ids)
+    pytorch_optim-00001.bin        torch.save({id: {state_name: tensor}}) for the ids it holds
+
+With a prefix ``p`` (ColossalAI's rule, the prefix before the last extension):
+``pytorch_optim.bin.index.p.json``, ``pytorch_optim_group.p.bin``, ``pytorch_optim.p-00001.bin``.
+Ids are positional (the order of ``optimizer.state_dict()``); there are no names or shapes.
+Files are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptio.errors import CheckpointCorruptError, CheckpointFormatError
+from ckptio.formats import torch_format
+from ckptio.formats.hf_index import ShardIndex, index_json, read_index
+from ckptio.formats.naming import add_prefix
+from ckptio.planning.split import split_greedy
+from ckptio.storage.base import FileRecord, FileWriter
+
+STATES_NAME = "pytorch_optim.bin"
+INDEX_NAME = "pytorch_optim.bin.index.json"
+GROUP_FILE_NAME = "pytorch_optim_group.bin"
+
+
+def names(prefix: str | None) -> tuple[str, str, str]:
+    """``(states_name, index_name, group_file)`` for a prefix."""
+    return add_prefix(STATES_NAME, prefix), add_prefix(INDEX_NAME, prefix), add_prefix(GROUP_FILE_NAME, prefix)
+
+
+def shard_name(states_name: str, index: int) -> str:
+    """ColossalAI numbers shards without ``-of-N``: ``pytorch_optim-00001.bin``."""
+    return states_name.replace(".bin", f"-{index + 1:05d}.bin")
+
+
+def owned_files(prefix: str | None):
+    """Every file a ColossalAI-layout save with this prefix replaces."""
+    states, index, group = names(prefix)
+    stem = re.escape(states[: -len(".bin")])
+    shard = re.compile(rf"^{stem}-\d{{5}}\.bin$")
+    return lambda name: name in (index, group) or bool(shard.match(name))
+
+
+def is_index_name(name: str) -> bool:
+    return name.startswith("pytorch_optim.bin.index") and name.endswith(".json")
+
+
+def _state_bytes(entries: dict[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in entries.values() if isinstance(v, torch.Tensor))
+
+
+def write(
+    writer: FileWriter,
+    state_dict: dict[str, Any],
+    *,
+    prefix: str | None,
+    max_shard_bytes: int,
+    subdir: str = "",
+) -> list[FileRecord]:
+    """Write ``optimizer.state_dict()`` (tensors on the CPU) in ColossalAI's layout."""
+    states_name, index_name, group_file = names(prefix)
+    base = f"{subdir}/" if subdir else ""
+    state = state_dict["state"]
+    plan = split_greedy([(str(pid), _state_bytes(entries)) for pid, entries in state.items()], max_shard_bytes)
+    by_key = {str(pid): pid for pid in state}
+    records = []
+    weight_map: dict[str, str] = {}
+    for i, keys in enumerate(plan.shards):
+        if not keys:
+            continue
+        name = shard_name(states_name, i)
+        with writer.open_stream(base + name) as stream:
+            torch_format.save({by_key[k]: state[by_key[k]] for k in keys}, stream)
+        records.append(stream.record)
+        weight_map.update(dict.fromkeys(keys, name))
+    with writer.open_stream(base + group_file) as stream:
+        torch_format.save(state_dict["param_groups"], stream)
+    records.append(stream.record)
+    body = index_json(weight_map, plan.total_bytes, {"param_groups": group_file})
+    records.append(writer.write(base + index_name, [body]))
+    return records
+
+
+def read(index_path: str | Path) -> tuple[dict[str, Any], ShardIndex]:
+    """Read the whole layout back into ``({"state": {id: {...}}, "param_groups": [...]}, index)``."""
+    index = read_index(index_path)
+    folder = Path(index_path).parent
+    group_file = index.metadata.get("param_groups")
+    if not isinstance(group_file, str):
+        raise CheckpointFormatError("optimizer index has no metadata.param_groups file name", path=index_path)
+    if (folder / group_file).resolve().parent != folder.resolve():
+        raise CheckpointFormatError(f"param group file {group_file!r} is outside the folder", path=index_path)
+    groups = torch_format.load(folder / group_file)
+    if not isinstance(groups, list):
+        raise CheckpointFormatError("param group file must hold a list of groups", path=folder / group_file)
+    state: dict[Any, dict[str, Any]] = {}
+    for shard in index.shard_files:
+        part = torch_format.load(folder / shard, mmap=True)
+        if not isinstance(part, dict) or not all(isinstance(v, dict) for v in part.values()):
+            raise CheckpointFormatError("shard must hold {param_id: {state_name: value}}", path=folder / shard)
+        listed = {k for k, f in index.weight_map.items() if f == shard}
+        absent = listed - {str(k) for k in part}
+        if absent:
+            raise CheckpointCorruptError(
+                f"index places ids {sorted(absent)[:5]} in this shard but it lacks them", path=folder / shard
+            )
+        state.update(part)
+    return {"state": state, "param_groups": groups}, index

@@ -1,0 +1,129 @@
+"""Collective steps that survive a failing rank.
+
+Every step of a multi-rank save or load that can fail locally (planning, opening files,
+writing, committing) runs inside :func:`collective_step`: the local exception is caught,
+every rank's outcome is gathered, and if any rank failed the SAME
+:class:`DistributedCheckpointError`, naming every failed rank and its message, is raised on
+all ranks. So one rank's full disk never leaves the others waiting in the next collective.
+
+A world of one (no process group) runs the step directly and wraps nothing: the user sees
+the original exception.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from ckptio.errors import DistributedCheckpointError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Group:
+    """The ranks taking part in a checkpoint operation (``group=None``: the default group)."""
+
+    group: Any = None
+
+    @property
+    def active(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if self.active else 0
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group) if self.active else 1
+
+    def global_rank(self, group_rank: int) -> int:
+        """The default-group rank of ``group_rank`` (what ``dist.gather(dst=...)`` wants)."""
+        if not self.active or self.group is None:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.global_rank(src), group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier(group=self.group)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    ok: bool
+    value: Any = None
+    error: str = ""
+    kind: str = ""
+
+
+def _describe(exc: BaseException) -> str:
+    lines = traceback.format_exception_only(type(exc), exc)
+    return "".join(lines).strip()
+
+
+def collective_step(group: Group, name: str, fn: Callable[[], T], *, gather: bool = False) -> Any:
+    """Run ``fn`` on every rank; raise one error on all ranks if any rank failed.
+
+    Returns the local result, or (``gather=True``) the list of every rank's result in rank
+    order (results must then be picklable). The outcome exchange doubles as a barrier, so
+    the step ends together everywhere.
+    """
+    if not group.active:
+        value = fn()
+        return [value] if gather else value
+    local_exc: BaseException | None = None
+    value: Any = None
+    try:
+        value = fn()
+        outcome = _Outcome(True, value if gather else None)
+    except Exception as exc:  # noqa: BLE001 (reported to every rank below)
+        local_exc = exc
+        outcome = _Outcome(False, None, _describe(exc), type(exc).__name__)
+    outcomes = group.all_gather_object(outcome)
+    raise_if_failed(group, name, outcomes, local_exc)
+    return [o.value for o in outcomes] if gather else value
+
+
+def report_errors(group: Group, name: str, local_error: BaseException | None) -> None:
+    """Exchange the outcome of work already done (e.g. a loop of collectives that had to
+    keep going after a local failure) and raise on all ranks if any rank failed."""
+    if not group.active:
+        if local_error is not None:
+            raise local_error
+        return
+    if local_error is None:
+        outcome = _Outcome(True)
+    else:
+        outcome = _Outcome(False, None, _describe(local_error), type(local_error).__name__)
+    raise_if_failed(group, name, group.all_gather_object(outcome), local_error)
+
+
+def raise_if_failed(group: Group, name: str, outcomes: list[_Outcome], local_exc: BaseException | None) -> None:
+    failed = [(r, o) for r, o in enumerate(outcomes) if not o.ok]
+    nested = len(failed) == len(outcomes) and all(o.kind == "DistributedCheckpointError" for _, o in failed)
+    if nested and len({o.error for _, o in failed}) == 1 and isinstance(local_exc, DistributedCheckpointError):
+        raise local_exc  # an inner step already raised the same error on every rank: keep it as is
+    if failed:
+        details = "; ".join(f"rank {r}: {o.error}" for r, o in failed)
+        raise DistributedCheckpointError(f"{name} failed on {len(failed)} of {group.size} ranks: {details}") from (
+            local_exc
+        )

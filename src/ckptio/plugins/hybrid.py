@@ -1,0 +1,284 @@
+"""HybridParallelPlugin: tensor parallel inside a ``tp`` group x FSDP2 data parallel across
+``dp``, on one 2-D ``DeviceMesh`` (``("dp", "tp")``), with PyTorch's own DTensor APIs.
+
+Tensor parallel is :func:`torch.distributed.tensor.parallel.parallelize_module` with a plan
+``{module-name pattern: ParallelStyle}`` (patterns use ``fnmatch``: ``*`` matches any
+characters, dots included). The user passes one, or gets the default plan of a known
+``transformers`` decoder (:func:`default_tp_plan`). Data parallel is ``fully_shard`` over the
+``dp`` dimension. Every parameter is then a DTensor whose placements say which box of the
+full tensor each rank holds, so checkpoints need no layout code of their own: they go
+through :class:`~ckptio.checkpoint_io.distributed.DistributedCheckpointIO` and load on any
+other ``(dp, tp)``, in one process, or in ``transformers``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ckptio.checkpoint_io.base import CheckpointIO
+from ckptio.checkpoint_io.distributed import DistributedCheckpointIO
+from ckptio.plugins.base import Plugin
+from ckptio.plugins.fsdp import default_shard_classes, rebind_optimizer
+from ckptio.plugins.process_group import device_type, ensure_process_group, local_device
+
+__all__ = ["HybridParallelPlugin", "default_tp_plan", "gpt2_tp_plan", "llama_tp_plan"]
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+def llama_tp_plan() -> dict[str, Any]:
+    """Megatron-style plan for Llama decoder layers: q/k/v and gate/up column-wise, o/down
+    row-wise, so each layer needs one all-reduce in attention and one in the MLP.
+    Embeddings, norms and ``lm_head`` stay replicated over ``tp`` (no vocabulary padding)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    col, row = ColwiseParallel(), RowwiseParallel()
+    return {
+        "*layers.*.self_attn.q_proj": col,
+        "*layers.*.self_attn.k_proj": col,
+        "*layers.*.self_attn.v_proj": col,
+        "*layers.*.self_attn.o_proj": row,
+        "*layers.*.mlp.gate_proj": col,
+        "*layers.*.mlp.up_proj": col,
+        "*layers.*.mlp.down_proj": row,
+    }
+
+
+def gpt2_tp_plan() -> dict[str, Any]:
+    """GPT-2's MLP only: ``c_fc`` column-wise and ``c_proj`` row-wise.
+
+    GPT-2 uses ``transformers``' ``Conv1D`` (weight stored transposed, ``(in, out)``), which
+    torch's ``ColwiseParallel`` / ``RowwiseParallel`` refuse, so the plan uses
+    :class:`Conv1DColwise` / :class:`Conv1DRowwise`, which shard the transposed dims. The
+    attention's fused ``c_attn`` (q, k and v concatenated in one output dim) is left
+    replicated: a contiguous column split would hand a rank parts of q and k, not whole heads.
+    """
+    return {"*h.*.mlp.c_fc": Conv1DColwise(), "*h.*.mlp.c_proj": Conv1DRowwise()}
+
+
+_DEFAULT_PLANS = {"llama": llama_tp_plan, "gpt2": gpt2_tp_plan}
+
+
+def default_tp_plan(model: nn.Module) -> dict[str, Any]:
+    """The built-in plan for a ``transformers`` model by ``config.model_type`` (``llama``,
+    ``gpt2``); raises ``ValueError`` for anything else (pass ``tp_plan=`` then)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    make = _DEFAULT_PLANS.get(model_type)
+    if make is None:
+        raise ValueError(
+            f"no default tensor-parallel plan for {type(model).__name__} (model_type={model_type!r}); "
+            f"pass tp_plan={{'module.name.pattern': ColwiseParallel() / RowwiseParallel(), ...}} "
+            f"(built in: {sorted(_DEFAULT_PLANS)})"
+        )
+    return make()
+
+
+def _conv1d_styles():
+    """Column / row-wise styles for ``transformers``' ``Conv1D`` (``y = x @ W + b`` with
+    ``W`` of shape ``(in, out)``): the same runtime as torch's Linear styles, with the
+    weight's sharded dimension swapped."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    def shard(module: nn.Module, mesh, placements: dict[str, Any], src_rank: int | None) -> None:
+        for name, placement in placements.items():
+            param = getattr(module, name, None)
+            if param is not None:
+                dist_param = distribute_tensor(param, mesh, [placement], src_data_rank=src_rank)
+                module.register_parameter(name, nn.Parameter(dist_param, requires_grad=param.requires_grad))
+
+    class Colwise(ColwiseParallel):
+        """Column-wise ``Conv1D``: weight ``Shard(1)``, bias ``Shard(0)``."""
+
+        def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+            return distribute_module(
+                module,
+                device_mesh,
+                lambda _n, m, mesh: shard(m, mesh, {"weight": Shard(1), "bias": Shard(0)}, self.src_data_rank),
+                lambda m, inputs, mesh: self._prepare_input_fn(
+                    self.input_layouts, self.desired_input_layouts, m, inputs, mesh
+                ),
+                lambda m, outputs, mesh: self._prepare_output_fn(
+                    self.output_layouts, self.use_local_output, m, outputs, mesh
+                ),
+            )
+
+    class Rowwise(RowwiseParallel):
+        """Row-wise ``Conv1D``: weight ``Shard(0)``, bias replicated."""
+
+        def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+            self.desired_input_layouts = (Shard(-1),)
+            return distribute_module(
+                module,
+                device_mesh,
+                lambda _n, m, mesh: shard(m, mesh, {"weight": Shard(0), "bias": Replicate()}, self.src_data_rank),
+                lambda m, inputs, mesh: self._prepare_input_fn(
+                    self.input_layouts, self.desired_input_layouts, m, inputs, mesh
+                ),
+                lambda m, outputs, mesh: self._prepare_output_fn(
+                    self.output_layouts, self.use_local_output, m, outputs, mesh
+                ),
+            )
+
+    return Colwise, Rowwise
+
+
+def Conv1DColwise() -> Any:  # noqa: N802 (reads like the style class it returns)
+    """A column-wise ``ParallelStyle`` for ``transformers``' ``Conv1D``."""
+    return _conv1d_styles()[0]()
+
+
+def Conv1DRowwise() -> Any:  # noqa: N802
+    """A row-wise ``ParallelStyle`` for ``transformers``' ``Conv1D``."""
+    return _conv1d_styles()[1]()
+
+
+def _sharded_dims(module: nn.Module, style: Any) -> list[tuple[str, int]]:
+    """``(what, size)`` pairs that must divide by ``tp_size`` for ``style`` on ``module``."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    colwise = isinstance(style, ColwiseParallel)
+    if not (colwise or isinstance(style, RowwiseParallel)):
+        return []
+    if isinstance(module, nn.Linear):
+        return [("out_features", module.out_features)] if colwise else [("in_features", module.in_features)]
+    if isinstance(module, nn.Embedding):
+        return [("embedding_dim", module.embedding_dim)] if colwise else [("num_embeddings", module.num_embeddings)]
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None:  # weight (in, out)
+        return [("out_features", weight.shape[1])] if colwise else [("in_features", weight.shape[0])]
+    return []
+
+
+def resolve_tp_plan(model: nn.Module, plan: Mapping[str, Any], tp_size: int) -> dict[str, Any]:
+    """``{module name: style}`` for every module a pattern of ``plan`` matches.
+
+    Raises ``ValueError`` when a pattern matches nothing (a typo would otherwise train
+    without tensor parallelism) or a sharded dimension is not divisible by ``tp_size``.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    resolved: dict[str, Any] = {}
+    for pattern, style in plan.items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"tensor-parallel plan pattern {pattern!r} matches no module of {type(model).__name__}")
+        for name in hits:
+            resolved[name] = style
+    problems = []
+    for name, style in resolved.items():
+        for what, size in _sharded_dims(model.get_submodule(name), style):
+            if size % tp_size:
+                problems.append(f"{name}.{what}={size}")
+    config = getattr(model, "config", None)
+    for attr in ("num_attention_heads", "num_key_value_heads", "n_head"):
+        heads = getattr(config, attr, None)
+        if isinstance(heads, int) and heads % tp_size and any("attn" in n for n in resolved):
+            problems.append(f"config.{attr}={heads}")
+    if problems:
+        raise ValueError(
+            f"tp_size={tp_size} does not divide {', '.join(problems[:8])}: tensor parallel needs every sharded "
+            "dimension (and the attention head counts) divisible by tp_size; choose another tp_size or plan"
+        )
+    return resolved
+
+
+# ----------------------------------------------------------------------------- plugin
+
+
+class HybridParallelPlugin(Plugin):
+    """Tensor parallel x FSDP2 data parallel on a 2-D ``("dp", "tp")`` ``DeviceMesh``.
+
+    Args:
+        tp_size: ranks per tensor-parallel group (neighbouring ranks: put them in one node).
+        pp_size: pipeline stages; only 1 is supported (accepted for ColossalAI-style calls).
+        dp_size: data-parallel size; default ``world_size // tp_size``. ``dp_size * tp_size``
+            must equal the world size.
+        tp_plan: ``{module-name pattern: ParallelStyle}``; default :func:`default_tp_plan`
+            (Llama and GPT-2 ``transformers`` models).
+        shard_classes: class names that become their own FSDP unit (default: the model's
+            ``_no_split_modules``); the root is always sharded last.
+        fsdp_kwargs: passed to every ``fully_shard`` call.
+
+    ``boost()`` accepts the model and optimizer as built for one process; the optimizer is
+    rebound by parameter name to the sharded parameters, keeping every group's settings.
+    Checkpoints are Hugging Face folders of full tensors (each written by one owner rank,
+    balanced by bytes) and record the mesh in their manifest for inspection only.
+    """
+
+    def __init__(
+        self,
+        tp_size: int,
+        pp_size: int = 1,
+        *,
+        dp_size: int | None = None,
+        tp_plan: Mapping[str, Any] | None = None,
+        shard_classes: Iterable[str] | None = None,
+        fsdp_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if pp_size != 1:
+            raise ValueError(f"pp_size={pp_size}: pipeline parallel is not supported; use pp_size=1")
+        if not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
+        ensure_process_group()
+        world = dist.get_world_size()
+        if dp_size is None:
+            if world % tp_size:
+                raise ValueError(f"world size {world} is not divisible by tp_size={tp_size}")
+            dp_size = world // tp_size
+        if dp_size * tp_size != world:
+            raise ValueError(f"dp_size * tp_size = {dp_size} * {tp_size} = {dp_size * tp_size} != world size {world}")
+        local_device()  # binds this rank's GPU before the mesh is built (a no-op on CPU)
+        self.dp_size, self.tp_size = dp_size, tp_size
+        self.mesh = init_device_mesh(device_type(), (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+        self.tp_plan = None if tp_plan is None else dict(tp_plan)
+        self.shard_classes = None if shard_classes is None else set(shard_classes)
+        self.fsdp_kwargs = dict(fsdp_kwargs or {})
+        self._io = DistributedCheckpointIO(layout=self.layout())
+
+    def layout(self) -> dict[str, Any]:
+        """What the checkpoint records about how it was saved (never checked on load)."""
+        return {
+            "plugin": type(self).__name__,
+            "mesh_shape": {"dp": self.dp_size, "tp": self.tp_size},
+            "torch_version": torch.__version__,
+        }
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Apply the tensor-parallel plan on ``tp``, then ``fully_shard`` on ``dp``."""
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        if self.tp_size > 1:
+            plan = self.tp_plan if self.tp_plan is not None else default_tp_plan(model)
+            for name, style in resolve_tp_plan(model, plan, self.tp_size).items():
+                parallelize_module(model.get_submodule(name), self.mesh["tp"], copy.deepcopy(style))
+        if self.dp_size > 1:
+            dp_mesh = self.mesh["dp"]
+            classes = self.shard_classes if self.shard_classes is not None else default_shard_classes(model)
+            for module in list(model.modules())[1:]:
+                if type(module).__name__ in classes:
+                    fully_shard(module, mesh=dp_mesh, **self.fsdp_kwargs)
+            fully_shard(model, mesh=dp_mesh, **self.fsdp_kwargs)
+        return model
+
+    def configure(self, model: nn.Module, optimizer: Any, criterion: Any, dataloader: Any, lr_scheduler: Any):
+        if not getattr(model, "_ckptio_hybrid", False):
+            old_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+            model = self.parallelize(model.to(local_device()))
+            model._ckptio_hybrid = True
+            if optimizer is not None:
+                rebind_optimizer(optimizer, old_names, model)
+        return model, optimizer, criterion, dataloader, lr_scheduler
+
+    def get_checkpoint_io(self) -> CheckpointIO:
+        return self._io

@@ -1,0 +1,350 @@
+"""Checkpoints on object stores and other fsspec filesystems (``s3://``, ``gs://``, ``memory://``).
+
+Object stores have no atomic rename, so a folder cannot be swapped into place the way
+:mod:`ckptio.storage.atomic` does on local disk. The protocol here:
+
+* A folder save writes every file under a fresh sub-prefix ``URL/ckptio-v-TOKEN/`` (the
+  ckptio manifest included), and then, LAST, the commit marker ``URL/_CKPTIO_COMMITTED``: a
+  small JSON object naming that version. One object PUT is atomic on S3 and its kin, so a
+  reader sees either the old marker (old version, intact) or the new one (new version,
+  complete). Only after the new marker is in place are older versions deleted.
+* A reader resolves the marker first. A folder that holds ``ckptio-v-*`` versions but no
+  marker is an interrupted first save: it is refused as incomplete, never loaded.
+* A single-file save (``URL`` ending in ``.safetensors``/``.bin``/...) is one object: it
+  becomes visible only when the upload completes (S3 multipart uploads are aborted on error).
+
+Guarantee, stated honestly: saves are all-or-nothing for readers that start after the
+marker flips; a reader that resolved the previous version may see it deleted under it (it
+then fails with a "missing file" error and can retry). One writer per URL at a time.
+
+Library saves and loads of URLs go through a local temporary copy (:func:`saving`,
+:func:`loading`): the local code path (formats, manifest, checks) is used unchanged, and
+files stream between the local copy and the store in 8 MiB pieces, hashed on the way.
+The temporary folder is ``$CKPTIO_TMPDIR`` or the system default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptio.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
+from ckptio.formats.naming import COMMIT_MARKER, MANIFEST, REMOTE_VERSION_PREFIX
+from ckptio.progress import Progress
+from ckptio.storage.base import FileRecord, FileWriter, HashingStream, new_hasher
+from ckptio.storage.location import is_url, url_basename
+
+_CHUNK = 8 * 1024 * 1024
+MARKER_FORMAT = "ckptio-commit"
+MARKER_VERSION = 1
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None):
+    """``(fs, path)`` for a URL; options come from ``storage_options`` or fsspec's config/env."""
+    try:
+        import fsspec
+    except ImportError as exc:  # pragma: no cover - fsspec is a dependency
+        raise CheckpointError("fsspec is needed for URL checkpoints: pip install fsspec", path=url) from exc
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise CheckpointError(f"cannot open this URL's filesystem: {exc}", path=url) from exc
+    return fs, path.rstrip("/")
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root}/{name}" if root else name
+
+
+def _discard(fh) -> None:
+    """Drop a half-written object: abort the multipart upload where the store has one."""
+    with contextlib.suppress(Exception):
+        if hasattr(fh, "discard"):
+            fh.discard()
+    # Not closing an fsspec buffered file means its last block is never sent and never committed.
+    with contextlib.suppress(Exception):
+        fh.closed = True
+
+
+class FsspecFileWriter(FileWriter):
+    """Writes whole objects under ``root`` of an fsspec filesystem, hashing while uploading."""
+
+    def __init__(self, fs, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+
+    def _where(self, name: str) -> str:
+        return f"{self.fs.unstrip_protocol(_join(self.root, name))}"
+
+    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> FileRecord:
+        hasher, size = new_hasher(), 0
+        try:
+            fh = self.fs.open(_join(self.root, name), "wb")
+        except Exception as exc:
+            raise CheckpointWriteError(f"cannot create object: {exc}", path=self._where(name)) from exc
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                hasher.update(view)
+                fh.write(view)
+                size += len(view)
+        except BaseException as exc:
+            _discard(fh)
+            if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
+                raise CheckpointWriteError(f"upload failed: {exc}", path=self._where(name)) from exc
+            raise
+        try:
+            fh.close()
+        except Exception as exc:
+            raise CheckpointWriteError(f"upload failed: {exc}", path=self._where(name)) from exc
+        return FileRecord(name, size, hasher.hexdigest())
+
+    @contextlib.contextmanager
+    def open_stream(self, name: str):
+        fh = self.fs.open(_join(self.root, name), "wb")
+        stream = HashingStream(fh)
+        try:
+            yield stream
+        except BaseException:
+            _discard(fh)
+            raise
+        try:
+            fh.close()
+        except Exception as exc:
+            raise CheckpointWriteError(f"upload failed: {exc}", path=self._where(name)) from exc
+        stream.record = FileRecord(name, stream.size, stream.hexdigest())
+
+
+def _file_chunks(path: Path, progress: Progress) -> Iterator[bytes]:
+    with open(path, "rb", buffering=0) as fh:
+        while data := fh.read(_CHUNK):
+            progress.advance(len(data))
+            yield data
+
+
+def read_marker(fs, root: str) -> str | None:
+    """The committed version's sub-prefix, or None when there is no marker."""
+    marker = _join(root, COMMIT_MARKER)
+    try:
+        with fs.open(marker, "rb") as fh:
+            raw = fh.read(1024 * 1024)
+    except FileNotFoundError:
+        return None
+    where = fs.unstrip_protocol(marker)
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(f"commit marker is not valid JSON: {exc}", path=where) from exc
+    version = body.get("version") if isinstance(body, dict) else None
+    if (
+        not isinstance(body, dict)
+        or body.get("format") != MARKER_FORMAT
+        or not isinstance(version, str)
+        or not version.startswith(REMOTE_VERSION_PREFIX)
+        or "/" in version
+    ):
+        raise CheckpointFormatError("commit marker is malformed (expected a ckptio-commit version)", path=where)
+    if not isinstance(body.get("format_version"), int) or body["format_version"] > MARKER_VERSION:
+        raise CheckpointFormatError(
+            f"commit marker format_version {body.get('format_version')!r} unsupported", path=where
+        )
+    return version
+
+
+@dataclass(frozen=True)
+class RemoteCheckpoint:
+    """A resolved URL: one object, or the folder (committed version) to read files from."""
+
+    fs: Any
+    url: str
+    path: str
+    is_file: bool
+
+
+def resolve(url: str, storage_options: dict[str, Any] | None = None) -> RemoteCheckpoint:
+    """Find what ``url`` holds, refusing a folder whose ckptio save never committed."""
+    fs, root = filesystem(url, storage_options)
+    try:
+        if fs.isfile(root):
+            return RemoteCheckpoint(fs, url, root, True)
+        version = read_marker(fs, root)
+        if version is not None:
+            return RemoteCheckpoint(fs, url, _join(root, version), False)
+        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)] if fs.isdir(root) else []
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        names = []
+    except Exception as exc:
+        raise CheckpointError(f"cannot list: {exc}", path=url) from exc
+    if any(n.startswith(REMOTE_VERSION_PREFIX) for n in names):
+        raise CheckpointNotFoundError(
+            f"incomplete checkpoint: files were uploaded but the commit marker {COMMIT_MARKER} was never "
+            "written (the save was interrupted); it is not loaded",
+            path=url,
+        )
+    if not names:
+        raise CheckpointNotFoundError("checkpoint does not exist", path=url)
+    # A folder put there by another tool (e.g. a Hugging Face upload): read as it is.
+    return RemoteCheckpoint(fs, url, root, False)
+
+
+def fetch(url: str, dest: str | os.PathLike, *, storage_options=None, quiet: bool = False) -> Path:
+    """Download the committed checkpoint at ``url`` to ``dest/<basename>``; return that path."""
+    remote = resolve(url, storage_options)
+    fs = remote.fs
+    local = Path(dest) / url_basename(url)
+    if remote.is_file:
+        sources = {local: remote.path}
+    else:
+        found = fs.find(remote.path)
+        sources = {}
+        for obj in found:
+            rel = obj[len(remote.path) :].lstrip("/")
+            if not rel or rel == COMMIT_MARKER or rel.startswith(REMOTE_VERSION_PREFIX):
+                continue
+            sources[local / rel] = obj
+        local.mkdir(parents=True, exist_ok=True)
+    sizes = {dst: fs.size(src) or 0 for dst, src in sources.items()}
+    with Progress(f"download {url_basename(url)}", sum(sizes.values()), len(sources), quiet=quiet) as bar:
+        for dst, src in sources.items():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with fs.open(src, "rb") as fh, open(dst, "wb") as out:
+                    while data := fh.read(_CHUNK):
+                        out.write(data)
+                        bar.advance(len(data))
+            except FileNotFoundError:
+                raise CheckpointNotFoundError(
+                    "file vanished while downloading (replaced by a newer save?); retry", path=fs.unstrip_protocol(src)
+                ) from None
+            bar.file_done()
+    return local
+
+
+def publish(local: str | os.PathLike, url: str, *, storage_options=None, quiet: bool = False) -> None:
+    """Upload a committed local checkpoint (file or folder) to ``url``; the marker goes last."""
+    local = Path(local)
+    fs, root = filesystem(url, storage_options)
+    if local.is_file():
+        parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
+        with Progress(f"upload {name}", local.stat().st_size, 1, quiet=quiet) as bar:
+            FsspecFileWriter(fs, parent).write(name, _file_chunks(local, bar))
+            bar.file_done()
+        return
+    if fs.isfile(root):
+        raise CheckpointWriteError("exists and is not a folder; refusing to replace an object", path=url)
+    from ckptio.storage.atomic import new_token
+    from ckptio.storage.manifest import read_manifest
+
+    version = f"{REMOTE_VERSION_PREFIX}{new_token()}"
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    # The manifest is uploaded after every file it lists, so even the version folder is never half-described.
+    files.sort(key=lambda p: p.name == MANIFEST)
+    manifest = read_manifest(local)
+    writer = FsspecFileWriter(fs, _join(root, version))
+    total = sum(p.stat().st_size for p in files)
+    with Progress(f"upload {url_basename(url)}", total, len(files), quiet=quiet) as bar:
+        for path in files:
+            rel = path.relative_to(local).as_posix()
+            record = writer.write(rel, _file_chunks(path, bar))
+            expected = manifest.files.get(rel) if manifest is not None else None
+            if expected is not None and (expected.size, expected.checksum) != (record.size, record.checksum):
+                raise CheckpointCorruptError("local copy changed while uploading; nothing committed", path=path)
+            bar.file_done()
+    body = {"format": MARKER_FORMAT, "format_version": MARKER_VERSION, "version": version, "files": len(files)}
+    commit_marker(fs, root, body)
+    prune_versions(fs, root, keep=version)
+
+
+def commit_marker(fs, root: str, body: dict[str, Any]) -> None:
+    """Write the marker: the one PUT that makes a new version the checkpoint."""
+    FsspecFileWriter(fs, root).write(COMMIT_MARKER, [(json.dumps(body, indent=1) + "\n").encode("utf-8")])
+
+
+def prune_versions(fs, root: str, *, keep: str) -> list[str]:
+    """Delete every version under ``root`` except ``keep`` (old commits, interrupted saves)."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in fs.ls(root, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(REMOTE_VERSION_PREFIX) and name != keep:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(_join(root, name), recursive=True)
+                removed.append(name)
+    return removed
+
+
+def _check_single_process(url: str) -> None:
+    try:
+        import torch.distributed as dist
+
+        many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    except Exception:  # pragma: no cover
+        many = False
+    if many:
+        raise CheckpointError(
+            "saving to a URL from several ranks is not supported yet: save to a shared local path and "
+            "copy it, or save from a single process",
+            path=url,
+        )
+
+
+def _tmp_root() -> str | None:
+    return os.environ.get("CKPTIO_TMPDIR") or None
+
+
+@contextlib.contextmanager
+def saving(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[str]:
+    """Yield a local path to save into; on success publish it to ``url`` (marker last)."""
+    _check_single_process(url)
+    with tempfile.TemporaryDirectory(prefix="ckptio-upload-", dir=_tmp_root()) as tmp:
+        local = Path(tmp) / url_basename(url)
+        yield str(local)
+        if not local.exists():
+            raise CheckpointWriteError("the save produced nothing to upload", path=url)
+        publish(local, url, storage_options=storage_options, quiet=quiet)
+
+
+@contextlib.contextmanager
+def loading(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[str]:
+    """Yield a local copy of the committed checkpoint at ``url``; removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="ckptio-download-", dir=_tmp_root()) as tmp:
+        yield str(fetch(url, tmp, storage_options=storage_options, quiet=quiet))
+
+
+def exists(url: str, storage_options=None) -> bool:
+    """Whether ``url`` holds a committed checkpoint (or an object)."""
+    try:
+        resolve(url, storage_options)
+    except CheckpointNotFoundError:
+        return False
+    return True
+
+
+__all__ = [
+    "FsspecFileWriter",
+    "RemoteCheckpoint",
+    "commit_marker",
+    "exists",
+    "fetch",
+    "filesystem",
+    "is_url",
+    "loading",
+    "publish",
+    "read_marker",
+    "resolve",
+    "saving",
+]

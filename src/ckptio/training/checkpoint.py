@@ -1,0 +1,250 @@
+"""Training checkpoints in ColossalChat's layout, saved as one atomic folder.
+
+::
+
+    <save_dir>/epoch-<E>_step-<S>/
+        modeling/               the model (sharded safetensors + index, config.json for HF models)
+        optimizer/              the optimizer (sharded; layout of ``booster.checkpoint_io.optimizer_layout``)
+        lr_scheduler            the scheduler state (JSON, or a torch file when JSON cannot hold it)
+        running_states.json     {"epoch", "step", "sample_start_index": step * batch_size, ...}
+        rng_state/rank_00000.json   one per rank: Python, NumPy, torch CPU and CUDA RNG states
+        ckptio_manifest.json    sizes and checksums of everything above
+
+Everything is staged in one hidden sibling folder and committed at once (one
+``FolderCommit``), so a crash mid-save leaves the previous checkpoint as it was. Every rank
+calls :func:`save_checkpoint`; the plugin's CheckpointIO decides who writes model and
+optimizer files (``_write_*_into`` hooks), the master writes the shared files, and every
+rank writes its own RNG file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ckptio.checkpoint_io.distributed_resume import warn_if_world_size_changed
+from ckptio.checkpoint_io.model_files import MiB, ModelSaveOptions
+from ckptio.checkpoint_io.optimizer_files import OptimizerSaveOptions
+from ckptio.checkpoint_io.optimizer_state import register_model
+from ckptio.cluster import DistCoordinator
+from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError
+from ckptio.formats.hf_index import read_json_file
+from ckptio.planning.collectives import Group, collective_step
+from ckptio.storage import atomic
+from ckptio.storage.location import is_url
+from ckptio.storage.manifest import read_manifest
+from ckptio.storage.verify import check_against_manifest
+from ckptio.training import rng
+
+FORMAT = "ckptio-training"
+FORMAT_VERSION = 1
+MODEL_DIR = "modeling"
+OPTIMIZER_DIR = "optimizer"
+LR_SCHEDULER_FILE = "lr_scheduler"
+RUNNING_STATES = "running_states.json"
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f"epoch-{epoch}_step-{step}"
+
+
+def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:
+    """Write ``data`` as JSON to ``file_path``, atomically (ColossalChat's helper)."""
+    commit = atomic.FileCommit(file_path).begin()
+    with atomic.aborting_on_error(commit):
+        record = commit.writer.write(commit.staging_name, [(json.dumps(data, indent=4) + "\n").encode("utf-8")])
+        commit.commit(record)
+
+
+def load_json(file_path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON object (ColossalChat's helper); errors name the file."""
+    data = read_json_file(file_path, what="JSON file")
+    if not isinstance(data, dict):
+        raise CheckpointFormatError("expected a JSON object", path=file_path)
+    return data
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def save_checkpoint(
+    save_dir: str | os.PathLike,
+    booster: Any,
+    model: nn.Module,
+    optimizer: Any,
+    lr_scheduler: Any,
+    epoch: int,
+    step: int,
+    batch_size: int,
+    coordinator: DistCoordinator | None = None,
+    *,
+    sampler: Any = None,
+    size_per_shard: float = 1024,
+    use_safetensors: bool = True,
+    use_async: bool = False,
+    extra_states: dict[str, Any] | None = None,
+) -> Path:
+    """Save model, optimizer, scheduler, position and RNG to ``save_dir/epoch-E_step-S``.
+
+    ColossalChat's positional signature; ``step`` counts steps within ``epoch`` and
+    ``batch_size`` is per rank, so ``sample_start_index = step * batch_size``. Every rank
+    calls it. ``sampler`` (a :class:`StatefulDistributedSampler`) and ``extra_states``
+    (JSON values) are stored in ``running_states.json``. ``use_async=True`` in one process
+    returns once model and optimizer are staged; the folder is written and committed in the
+    background (``booster.wait()`` makes it durable). With several ranks the checkpoint is
+    durable when this returns. Returns the path.
+    """
+    epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
+    if is_url(save_dir):  # object store: build the folder locally, upload it, commit marker last (synchronous)
+        from ckptio.storage.fsspec_storage import saving
+
+        url = f"{os.fspath(save_dir).rstrip('/')}/{checkpoint_name(epoch, step)}"
+        with saving(url) as local:
+            save_checkpoint(
+                Path(local).parent, booster, model, optimizer, lr_scheduler, epoch, step, batch_size, coordinator,
+                sampler=sampler, size_per_shard=size_per_shard, use_safetensors=use_safetensors,
+                extra_states=extra_states,
+            )  # fmt: skip
+        return url
+    coordinator = coordinator or DistCoordinator()
+    group = Group(getattr(coordinator, "group", None))
+    io = booster.checkpoint_io
+    io.wait()
+    if optimizer is not None:
+        register_model(optimizer, model)
+    max_bytes = max(1, int(size_per_shard * MiB))
+    model_opts = ModelSaveOptions(shard=True, max_shard_bytes=max_bytes, use_safetensors=use_safetensors)
+    optim_opts = OptimizerSaveOptions(shard=True, max_shard_bytes=max_bytes, layout=io.optimizer_layout)
+    running: dict[str, Any] = {
+        "epoch": epoch,
+        "step": step,
+        "sample_start_index": step * batch_size,
+        "batch_size": batch_size,
+        "world_size": group.size,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+    }
+    if sampler is not None and hasattr(sampler, "state_dict"):
+        # The sampler only knows where its current pass started; the data position is step * batch_size.
+        running["sampler"] = {**sampler.state_dict(), "start_index": step * batch_size}
+    if extra_states:
+        running["extra_states"] = extra_states
+    running_bytes = (json.dumps(running, indent=4) + "\n").encode("utf-8")
+
+    target = Path(save_dir) / checkpoint_name(epoch, step)
+    if use_async and group.size == 1:
+        from ckptio.async_io.checkpoint_job import can_submit, submit_training_checkpoint
+
+        if can_submit(io):  # one process: stage now, write + commit in the background (booster.wait())
+            submit_training_checkpoint(
+                io,
+                target,
+                model=model,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                model_opts=model_opts,
+                optim_opts=optim_opts,
+                model_dir=MODEL_DIR,
+                optimizer_dir=OPTIMIZER_DIR,
+                lr_scheduler_name=LR_SCHEDULER_FILE,
+                files={rng.rng_file_name(0): rng.rng_state_bytes(0), RUNNING_STATES: running_bytes},
+            )
+            return target
+    token = group.broadcast_object(atomic.new_token() if group.rank == 0 else None)
+    commit = atomic.FolderCommit(target, token=token)
+    collective_step(group, f"starting checkpoint {target}", lambda: commit.begin() if group.rank == 0 else None)
+
+    def write() -> list:
+        writer = commit.writer
+        records = list(io._write_model_into(writer, MODEL_DIR, model, model_opts))
+        if optimizer is not None:
+            records += io._write_optimizer_into(writer, OPTIMIZER_DIR, optimizer, optim_opts)
+        if lr_scheduler is not None:
+            records += io._write_lr_scheduler_into(writer, LR_SCHEDULER_FILE, lr_scheduler)
+        records.append(writer.write(rng.rng_file_name(group.rank), [rng.rng_state_bytes(group.rank)]))
+        if group.rank == 0:
+            records.append(writer.write(RUNNING_STATES, [running_bytes]))
+        return records
+
+    try:
+        per_rank = collective_step(group, f"writing checkpoint {target}", write, gather=True)
+        collective_step(
+            group,
+            f"committing checkpoint {target}",
+            lambda: commit.commit([r for recs in per_rank for r in recs]) if group.rank == 0 else None,
+        )
+    except BaseException:
+        if group.rank == 0:
+            commit.abort()
+        raise
+    return target
+
+
+def load_checkpoint(
+    load_dir: str | os.PathLike,
+    booster: Any,
+    model: nn.Module,
+    optimizer: Any,
+    lr_scheduler: Any,
+    *,
+    sampler: Any = None,
+    strict: bool = True,
+    verify: bool = False,
+    restore_rng: bool = True,
+) -> tuple[int, int, int]:
+    """Load a checkpoint folder written by :func:`save_checkpoint` (or by ColossalChat).
+
+    Returns ``(epoch, step, sample_start_index)``. Restores model, optimizer and scheduler,
+    this rank's RNG states (when the checkpoint has them; ``restore_rng=False`` skips),
+    and ``sampler``'s state when given and saved. ``verify=True`` checks every file's
+    checksum against the manifest first. Every rank calls it.
+    """
+    if is_url(load_dir):  # object store: download the committed version, load the local copy
+        from ckptio.storage.fsspec_storage import loading
+
+        with loading(os.fspath(load_dir)) as local:
+            return load_checkpoint(
+                local, booster, model, optimizer, lr_scheduler,
+                sampler=sampler, strict=strict, verify=verify, restore_rng=restore_rng,
+            )  # fmt: skip
+    load_dir = Path(load_dir)
+    if not load_dir.exists():
+        atomic.recover(load_dir)
+    running_path = load_dir / RUNNING_STATES
+    if not running_path.is_file():
+        raise CheckpointNotFoundError(
+            f"{RUNNING_STATES} is missing: not a complete training checkpoint (pass the epoch-E_step-S folder)",
+            path=load_dir,
+        )
+    running = load_json(running_path)
+    try:
+        epoch, step, start = (_check_int(k, running[k]) for k in ("epoch", "step", "sample_start_index"))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointFormatError(
+            f"{RUNNING_STATES} needs epoch, step and sample_start_index: {exc}", path=running_path
+        ) from exc
+    manifest = read_manifest(load_dir)
+    if manifest is not None:
+        check_against_manifest(load_dir, list(manifest.files), checksums=verify)
+    booster.load_model(model, load_dir / MODEL_DIR, strict=strict)
+    if optimizer is not None:
+        register_model(optimizer, model)
+        booster.load_optimizer(optimizer, load_dir / OPTIMIZER_DIR)
+    if lr_scheduler is not None:
+        booster.load_lr_scheduler(lr_scheduler, load_dir / LR_SCHEDULER_FILE)
+    if sampler is not None and isinstance(running.get("sampler"), dict):
+        sampler.load_state_dict(running["sampler"])
+    if restore_rng:
+        rank = DistCoordinator().rank
+        rng_path = load_dir / rng.rng_file_name(rank)
+        if rng_path.is_file():
+            rng.restore_rng_state(read_json_file(rng_path, what="RNG state file"), path=str(rng_path))
+    warn_if_world_size_changed(running, DistCoordinator().world_size, where=str(load_dir))
+    return epoch, step, start

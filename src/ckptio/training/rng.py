@@ -1,0 +1,105 @@
+"""Random number generator state of one rank, as JSON (no pickle).
+
+Saved and restored: Python's ``random``, NumPy's global generator, torch's CPU generator,
+and every CUDA device's generator when CUDA is available. torch states are ``uint8``
+tensors, stored base64-encoded. Restoring them makes dropout, shuffling done with the
+global generators and augmentation continue exactly as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from typing import Any
+
+import torch
+
+from ckptio.errors import CheckpointFormatError
+
+FORMAT = "ckptio-rng"
+FORMAT_VERSION = 1
+FOLDER = "rng_state"
+
+
+def rng_file_name(rank: int) -> str:
+    """The per-rank file inside a training checkpoint: ``rng_state/rank_00000.json``."""
+    return f"{FOLDER}/rank_{rank:05d}.json"
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.cpu().contiguous().numpy().tobytes()).decode("ascii")
+
+
+def _from_b64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text.encode("ascii"), validate=True)), dtype=torch.uint8)
+
+
+def capture_rng_state(rank: int = 0) -> dict[str, Any]:
+    """Every global generator's state, JSON-ready."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rank": rank,
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
+        "torch_cpu": _b64(torch.get_rng_state()),
+    }
+    try:
+        import numpy as np
+    except ImportError:  # NumPy is optional at run time
+        np = None
+    if np is not None:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {
+            "name": name,
+            "keys": keys.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def rng_state_bytes(rank: int = 0) -> bytes:
+    return (json.dumps(capture_rng_state(rank)) + "\n").encode("utf-8")
+
+
+def restore_rng_state(state: Any, *, path: str | None = None) -> None:
+    """Put every generator back; CUDA states are restored for the devices present."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointFormatError(f"not a ckptio RNG state file (format {FORMAT!r} expected)", path=path)
+    version = state.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointFormatError(f"RNG state format_version {version!r} is not supported", path=path)
+    try:
+        py = state["python"]
+        python_state = (py["version"], tuple(py["state"]), py["gauss_next"])
+        torch_cpu = _from_b64(state["torch_cpu"])
+        numpy_state = state.get("numpy")
+        cuda = [_from_b64(s) for s in state.get("torch_cuda", [])]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointFormatError(f"malformed RNG state: {exc!r}", path=path) from exc
+    try:
+        random.setstate(python_state)
+        torch.set_rng_state(torch_cpu)
+        if numpy_state is not None:
+            import numpy as np
+
+            np.random.set_state(
+                (
+                    numpy_state["name"],
+                    np.asarray(numpy_state["keys"], dtype=np.uint32),
+                    numpy_state["pos"],
+                    numpy_state["has_gauss"],
+                    numpy_state["cached_gaussian"],
+                )
+            )
+        if cuda and torch.cuda.is_available():
+            n = min(len(cuda), torch.cuda.device_count())
+            for device in range(n):
+                torch.cuda.set_rng_state(cuda[device], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointFormatError(f"RNG state cannot be restored: {exc}", path=path) from exc

@@ -1,0 +1,139 @@
+"""Exact resume on 2 ranks with FSDP2: straight run == run + save_checkpoint + new processes
++ load_checkpoint + the rest, bit for bit (losses, weights, optimizer state)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.dist.harness import run_ranks
+from tests.dist.models import full_optimizer_state, full_state, make_optimizer, make_uneven
+
+from ckptio import Booster
+from ckptio.plugins import TorchDDPPlugin, TorchFSDPPlugin
+from ckptio.training import load_checkpoint, save_checkpoint
+
+STEPS, SPLIT, BATCH = 6, 3, 3
+
+
+def _setup(plugin: str):
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(100 + rank)  # per-rank data and dropout streams
+    model = make_uneven(0)
+    optimizer = make_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    plugin_obj = TorchFSDPPlugin(shard_classes={"Block"}) if plugin == "fsdp" else TorchDDPPlugin()
+    booster = Booster(plugin=plugin_obj)
+    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    return booster, model, optimizer, scheduler
+
+
+def _steps(model, optimizer, scheduler, start: int, stop: int) -> list[float]:
+    losses = []
+    for _ in range(start, stop):
+        idx = torch.randint(0, 13, (BATCH, 4))  # global RNG: restored per rank on resume
+        noise = torch.nn.functional.dropout(torch.ones(BATCH, 4, 5), 0.3)
+        loss = (model(idx) * noise).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _final(model, optimizer):
+    return {"model": full_state(model), "optim": full_optimizer_state(optimizer, model)}
+
+
+@pytest.mark.parametrize("plugin", ["fsdp", "ddp"])
+def test_exact_resume_on_2_ranks(tmp_path, plugin):
+    save_dir = tmp_path / "run"
+
+    def straight(ctx):
+        def fn():
+            booster, model, optimizer, scheduler = _setup(plugin)
+            losses = _steps(model, optimizer, scheduler, 0, STEPS)
+            return losses, _final(model, optimizer)
+
+        return ctx.phase(2, "straight", fn)
+
+    def first_half(ctx):
+        def fn():
+            booster, model, optimizer, scheduler = _setup(plugin)
+            losses = _steps(model, optimizer, scheduler, 0, SPLIT)
+            save_checkpoint(save_dir, booster, model, optimizer, scheduler, 0, SPLIT, BATCH, size_per_shard=0.0003)
+            return losses
+
+        return ctx.phase(2, "first", fn)
+
+    def second_half(ctx):
+        def fn():
+            booster, model, optimizer, scheduler = _setup(plugin)
+            torch.manual_seed(12345)  # whatever the RNG was, load_checkpoint restores it
+            epoch, step, start = load_checkpoint(
+                save_dir / f"epoch-0_step-{SPLIT}", booster, model, optimizer, scheduler
+            )
+            assert (epoch, step, start) == (0, SPLIT, SPLIT * BATCH)
+            losses = _steps(model, optimizer, scheduler, step, STEPS)
+            return losses, _final(model, optimizer), scheduler.last_epoch
+
+        return ctx.phase(2, "second", fn)
+
+    ref = run_ranks(straight, 2, tmp_path)
+    first = run_ranks(first_half, 2, tmp_path)
+    second = run_ranks(second_half, 2, tmp_path)
+    for rank in range(2):
+        losses, final = ref[rank]
+        assert first[rank] + second[rank][0] == losses
+        assert second[rank][2] == STEPS
+        for part in ("model",):
+            assert final[part].keys() == second[rank][1][part].keys()
+            assert all(torch.equal(final[part][k], second[rank][1][part][k]) for k in final[part])
+        ostate, ogroups = final["optim"]
+        rstate, rgroups = second[rank][1]["optim"]
+        assert ogroups == rgroups and ostate.keys() == rstate.keys()
+        assert all(torch.equal(ostate[k], rstate[k]) for k in ostate)
+
+
+def test_resume_on_another_world_size_restores_all_and_warns_about_rng(tmp_path):
+    import warnings
+
+    save_dir = tmp_path / "run"
+    ckpt = save_dir / f"epoch-0_step-{SPLIT}"
+
+    def save():
+        booster, model, optimizer, scheduler = _setup("fsdp")
+        _steps(model, optimizer, scheduler, 0, SPLIT)
+        save_checkpoint(save_dir, booster, model, optimizer, scheduler, 0, SPLIT, BATCH)
+        return _final(model, optimizer), scheduler.state_dict()
+
+    def load():
+        booster, model, optimizer, scheduler = _setup("fsdp")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_checkpoint(ckpt, booster, model, optimizer, scheduler)
+        return _final(model, optimizer), scheduler.state_dict(), [str(w.message) for w in caught]
+
+    def scenario(ctx):
+        return ctx.phase(2, "save", save), ctx.phase(3, "load", load)
+
+    results = run_ranks(scenario, 3, tmp_path)
+    (saved, saved_sched), _ = results[0]
+    for rank in range(3):
+        final, sched, messages = results[rank][1]
+        assert sched == saved_sched
+        assert all(torch.equal(final["model"][k], v) for k, v in saved["model"].items())
+        assert final["optim"][1] == saved["optim"][1]
+        assert all(torch.equal(final["optim"][0][k], v) for k, v in saved["optim"][0].items())
+        assert any("saved on 2 ranks and is loaded on 3" in m and "ranks 2..2 have no saved RNG" in m for m in messages)
+
+    # one plain process: restored, with the warning
+    model = make_uneven(3)
+    optimizer = make_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    booster = Booster()
+    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    with pytest.warns(UserWarning, match="RNG states of ranks 1..1 are not used"):
+        load_checkpoint(ckpt, booster, model, optimizer, scheduler)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items())
+    assert scheduler.state_dict() == saved_sched

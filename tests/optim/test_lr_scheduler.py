@@ -1,0 +1,124 @@
+"""LR scheduler state: JSON when possible, torch files otherwise, ColossalAI's torch.save file loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.optim import lr_scheduler as sched
+
+from ckptio import Booster, CheckpointError
+from ckptio.checkpoint_io import optimizer_json
+
+
+class Warmup:
+    """A callable object: LambdaLR saves its ``__dict__``."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, epoch: int) -> float:
+        return min(1.0, (epoch + 1) / self.steps)
+
+
+SCHEDULERS = {
+    "lambda-fn": lambda o: sched.LambdaLR(o, lambda e: 0.9**e),
+    "lambda-obj": lambda o: sched.LambdaLR(o, [Warmup(4), Warmup(6)]),
+    "step": lambda o: sched.StepLR(o, step_size=2, gamma=0.5),
+    "cosine": lambda o: sched.CosineAnnealingLR(o, T_max=7),
+    "onecycle": lambda o: sched.OneCycleLR(o, max_lr=[0.1, 0.2], total_steps=20),
+    "linear": lambda o: sched.LinearLR(o, start_factor=0.2, total_iters=5),
+    "sequential": lambda o: sched.SequentialLR(
+        o, [sched.LinearLR(o, start_factor=0.1, total_iters=3), sched.CosineAnnealingLR(o, T_max=10)], milestones=[3]
+    ),
+    "chained": lambda o: sched.ChainedScheduler([sched.StepLR(o, 2, 0.9), sched.ExponentialLR(o, 0.95)]),
+}
+
+
+def optimizer() -> torch.optim.Optimizer:
+    model = nn.Linear(3, 2)
+    return torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.05}], lr=0.1, momentum=0.9)
+
+
+def stepped(name: str, steps: int = 5):
+    opt = optimizer()
+    scheduler = SCHEDULERS[name](opt)
+    for _ in range(steps):
+        opt.step()
+        scheduler.step()
+    return opt, scheduler
+
+
+def lrs_after(opt, scheduler, steps: int = 4) -> list[list[float]]:
+    out = []
+    for _ in range(steps):
+        opt.step()
+        scheduler.step()
+        out.append([g["lr"] for g in opt.param_groups])
+    return out
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_round_trip_as_json(tmp_path, name):
+    opt, scheduler = stepped(name)
+    booster = Booster()
+    booster.save_lr_scheduler(scheduler, tmp_path / "lr_scheduler")
+    body = json.loads((tmp_path / "lr_scheduler").read_text())
+    assert body["format"] == "ckptio-lr-scheduler" and body["format_version"] == 1
+    opt2 = optimizer()
+    scheduler2 = SCHEDULERS[name](opt2)  # built first, as in a real resume: it may change the lr ...
+    opt2.load_state_dict(opt.state_dict())  # ... which the optimizer's own state then restores
+    booster.load_lr_scheduler(scheduler2, tmp_path / "lr_scheduler")
+    assert scheduler2.state_dict() == scheduler.state_dict()
+    assert lrs_after(opt2, scheduler2) == lrs_after(opt, scheduler)
+
+
+@pytest.mark.parametrize("name", ["lambda-obj", "sequential", "onecycle"])
+def test_colossalai_torch_file_loads(tmp_path, name):
+    opt, scheduler = stepped(name)
+    torch.save(scheduler.state_dict(), tmp_path / "lr_scheduler")  # what ColossalAI writes
+    opt2 = optimizer()
+    scheduler2 = SCHEDULERS[name](opt2)  # built first, as in a real resume: it may change the lr ...
+    opt2.load_state_dict(opt.state_dict())  # ... which the optimizer's own state then restores
+    Booster().load_lr_scheduler(scheduler2, tmp_path / "lr_scheduler")
+    assert scheduler2.state_dict() == scheduler.state_dict()
+
+
+def test_torch_suffix_and_unjsonable_state_write_torch_files(tmp_path):
+    opt, scheduler = stepped("step")
+    booster = Booster()
+    booster.save_lr_scheduler(scheduler, tmp_path / "sched.pt")
+    assert torch.load(tmp_path / "sched.pt", weights_only=True) == scheduler.state_dict()
+    scheduler.complex = torch.tensor([1 + 2j])  # part of StepLR's state_dict, no exact JSON form
+    booster.save_lr_scheduler(scheduler, tmp_path / "lr_scheduler")
+    assert not (tmp_path / "lr_scheduler").read_bytes().startswith(b"{")
+    assert torch.equal(torch.load(tmp_path / "lr_scheduler", weights_only=True)["complex"], torch.tensor([1 + 2j]))
+
+
+def test_bad_files(tmp_path):
+    opt, scheduler = stepped("step")
+    (tmp_path / "bad.json").write_text('{"format": "something-else"}')
+    with pytest.raises(CheckpointError, match="not a ckptio LR scheduler file"):
+        Booster().load_lr_scheduler(scheduler, tmp_path / "bad.json")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Booster().load_lr_scheduler(scheduler, tmp_path / "missing")
+
+
+def test_json_codec_keeps_types():
+    value = {
+        "betas": (0.9, 0.999),
+        "step": torch.tensor(3.0, dtype=torch.float32),
+        "count": torch.tensor(5, dtype=torch.int64),
+        "lr": torch.tensor([1e-3, 2e-3], dtype=torch.bfloat16),
+        "nested": [{"__tuple__": 1}, None, "x", float("inf")],
+    }
+    encoded = optimizer_json.encode(value)
+    back = optimizer_json.decode(json.loads(json.dumps(encoded)))
+    assert back["betas"] == (0.9, 0.999) and isinstance(back["betas"], tuple)
+    for key in ("step", "count", "lr"):
+        assert back[key].dtype == value[key].dtype and torch.equal(back[key], value[key])
+    assert back["nested"] == [{"__tuple__": 1}, None, "x", float("inf")]
+    with pytest.raises(optimizer_json.NotJSONable):
+        optimizer_json.encode({"fn": print})

@@ -1,0 +1,186 @@
+"""The training checkpoint folder: layout, atomicity, bad input, ColossalChat interop, sampler and RNG."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ckptio import Booster, CheckpointCorruptError, CheckpointNotFoundError, DistCoordinator
+from ckptio.training import (
+    StatefulDistributedSampler,
+    capture_rng_state,
+    load_checkpoint,
+    load_json,
+    restore_rng_state,
+    save_checkpoint,
+    save_json,
+)
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5)
+    booster = Booster()
+    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, None, None, scheduler)
+    return booster, model, optimizer, scheduler
+
+
+def step(model, optimizer, scheduler, n: int = 3):
+    for _ in range(n):
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def test_layout_and_round_trip(tmp_path):
+    booster, model, optimizer, scheduler = setup()
+    step(model, optimizer, scheduler)
+    path = save_checkpoint(tmp_path, booster, model, optimizer, scheduler, 2, 5, 16, DistCoordinator())
+    assert path == tmp_path / "epoch-2_step-5"
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    assert files == [
+        "ckptio_manifest.json",
+        "lr_scheduler",
+        "modeling/model-00001-of-00001.safetensors",
+        "modeling/model.safetensors.index.json",
+        "optimizer/optimizer-00001-of-00001.safetensors",
+        "optimizer/optimizer.index.json",
+        "rng_state/rank_00000.json",
+        "running_states.json",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch-2_step-5"]  # no staging left
+    running = load_json(path / "running_states.json")
+    assert (running["epoch"], running["step"], running["sample_start_index"]) == (2, 5, 80)
+    manifest = json.loads((path / "ckptio_manifest.json").read_text())
+    assert set(manifest["files"]) == set(files) - {"ckptio_manifest.json"}
+
+    booster2, model2, optimizer2, scheduler2 = setup(seed=1)
+    assert load_checkpoint(path, booster2, model2, optimizer2, scheduler2) == (2, 5, 80)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert optimizer2.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert scheduler2.state_dict() == scheduler.state_dict()
+
+
+def test_missing_running_states_raises_before_touching_the_model(tmp_path):
+    booster, model, optimizer, scheduler = setup()
+    path = save_checkpoint(tmp_path, booster, model, optimizer, scheduler, 0, 1, 4, DistCoordinator())
+    (path / "running_states.json").unlink()
+    booster2, model2, optimizer2, scheduler2 = setup(seed=3)
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
+    with pytest.raises(CheckpointNotFoundError, match="running_states.json"):
+        load_checkpoint(path, booster2, model2, optimizer2, scheduler2)
+    assert all(torch.equal(before[k], v) for k, v in model2.state_dict().items())
+
+
+def test_verify_detects_corruption(tmp_path):
+    booster, model, optimizer, scheduler = setup()
+    step(model, optimizer, scheduler)
+    path = save_checkpoint(tmp_path, booster, model, optimizer, scheduler, 0, 3, 4)
+    shard = path / "optimizer" / "optimizer-00001-of-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="checksum"):
+        load_checkpoint(path, *setup(seed=2), verify=True)
+
+
+def test_resave_replaces_the_folder_whole(tmp_path):
+    booster, model, optimizer, scheduler = setup()
+    save_checkpoint(tmp_path, booster, model, optimizer, scheduler, 0, 1, 4)
+    (tmp_path / "epoch-0_step-1" / "stray.txt").write_text("old")
+    step(model, optimizer, scheduler)
+    path = save_checkpoint(tmp_path, booster, model, optimizer, scheduler, 0, 1, 4)
+    assert not (path / "stray.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0_step-1"]
+
+
+def test_colossalchat_written_checkpoint_loads(tmp_path):
+    """What ColossalChat's save_checkpoint writes: .bin model shards, ColossalAI optimizer
+    layout, a torch.save scheduler file, running_states.json; no RNG files, no manifest."""
+    booster, model, optimizer, scheduler = setup()
+    step(model, optimizer, scheduler)
+    folder = tmp_path / "epoch-1_step-7"
+    booster.save_model(model, folder / "modeling", shard=True)
+    booster.checkpoint_io.optimizer_layout = "colossalai"
+    booster.save_optimizer(optimizer, folder / "optimizer", shard=True)
+    torch.save(scheduler.state_dict(), folder / "lr_scheduler")
+    (folder / "running_states.json").write_text(json.dumps({"epoch": 1, "step": 7, "sample_start_index": 56}))
+    for sub in ("modeling", "optimizer"):
+        (folder / sub / "ckptio_manifest.json").unlink()
+    assert (folder / "optimizer" / "pytorch_optim.bin.index.json").is_file()
+
+    booster2, model2, optimizer2, scheduler2 = setup(seed=5)
+    assert load_checkpoint(folder, booster2, model2, optimizer2, scheduler2) == (1, 7, 56)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert optimizer2.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert scheduler2.state_dict() == scheduler.state_dict()
+
+
+def test_sampler_state_is_saved_and_restored(tmp_path):
+    booster, model, optimizer, scheduler = setup()
+    sampler = StatefulDistributedSampler(list(range(20)), shuffle=True, seed=3)
+    sampler.set_epoch(4)
+    save_checkpoint(tmp_path, booster, model, optimizer, scheduler, 4, 2, 3, sampler=sampler)
+    other = StatefulDistributedSampler(list(range(20)), shuffle=True, seed=0)
+    load_checkpoint(tmp_path / "epoch-4_step-2", *setup(seed=1), sampler=other)
+    assert (other.epoch, other.seed, other.start_index) == (4, 3, 6)
+    assert list(other) == list(sampler)[6:]
+
+
+def test_save_json_load_json(tmp_path):
+    save_json({"a": 1, "b": [1.5, "x"]}, tmp_path / "sub" / "s.json")
+    assert load_json(tmp_path / "sub" / "s.json") == {"a": 1, "b": [1.5, "x"]}
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["s.json"]
+
+
+def test_sampler_shuffles_per_epoch_and_resumes_mid_epoch():
+    data = list(range(30))
+    sampler = StatefulDistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=7)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert len(epoch0) == len(sampler) == 15 and epoch0 != epoch1
+    other_rank = list(StatefulDistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=7))
+    assert sorted(epoch0 + other_rank) == data
+    sampler.set_start_index(4)
+    assert len(sampler) == 11
+    sampler.set_epoch(1)  # ColossalChat calls set_start_index before set_epoch: the index survives
+    assert list(sampler) == epoch1[4:]
+    assert sampler.start_index == 0 and list(sampler) == epoch1  # the next pass is a whole epoch
+    state = sampler.state_dict()
+    fresh = StatefulDistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=0)
+    fresh.load_state_dict({**state, "start_index": 9})
+    assert list(fresh) == epoch1[9:]
+    with pytest.raises(ValueError):
+        sampler.set_start_index(-1)
+
+
+def test_rng_state_round_trip():
+    state = json.loads(json.dumps(capture_rng_state()))
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    restore_rng_state(state)
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_dist_coordinator_without_process_group():
+    coordinator = DistCoordinator()
+    assert (coordinator.rank, coordinator.world_size, coordinator.is_master()) == (0, 1, True)
+    coordinator.block_all()  # a no-op in a world of one
+    assert coordinator.on_master_only()(lambda: 5)() == 5
+    with coordinator.priority_execution():
+        pass

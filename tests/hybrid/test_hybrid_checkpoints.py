@@ -202,6 +202,8 @@ def test_hybrid_save_2x2_loads_everywhere(tmp_path):
     assert manifest["layout"]["torch_version"] == torch.__version__
     optim_manifest = json.loads((ck / "optim" / MANIFEST).read_text())
     assert optim_manifest["layout"]["mesh_shape"] == {"dp": 2, "tp": 2}
+    train_manifest = json.loads((ck / "train" / "epoch-0_step-3" / MANIFEST).read_text())
+    assert train_manifest["layout"]["mesh_shape"] == {"dp": 2, "tp": 2}
 
     # wrong sizes: clear errors, raised before any mesh exists
     errors = results[0]["errors"]

@@ -184,3 +184,14 @@ def test_dist_coordinator_without_process_group():
     assert coordinator.on_master_only()(lambda: 5)() == 5
     with coordinator.priority_execution():
         pass
+
+
+def test_missing_rng_file_is_an_error_with_manifest_and_a_warning_without(tmp_path):
+    booster, model, optimizer, scheduler = setup()
+    path = save_checkpoint(tmp_path, booster, model, optimizer, scheduler, 0, 1, 4)
+    (path / "rng_state" / "rank_00000.json").unlink()
+    with pytest.raises(CheckpointNotFoundError, match="rank_00000.json: listed in the manifest but missing"):
+        load_checkpoint(path, booster, model, optimizer, scheduler)
+    (path / "ckptio_manifest.json").unlink()  # no manifest to catch it: the resume still warns it is not exact
+    with pytest.warns(UserWarning, match="rank_00000.json: RNG state file is missing"):
+        assert load_checkpoint(path, booster, model, optimizer, scheduler) == (0, 1, 4)

@@ -44,10 +44,10 @@ from ckptio.checkpoint_io.model_files import (
     ModelCheckpoint,
     ModelSaveOptions,
     locate_model,
-    match_keys,
+    match_files_to_model,
     write_weights_file,
 )
-from ckptio.checkpoint_io.model_state import LoadReport, Mismatch, describe_tensor
+from ckptio.checkpoint_io.model_state import LoadReport
 from ckptio.errors import CheckpointCorruptError, CheckpointError, StateMismatchError
 from ckptio.planning.collectives import Group, collective_step, report_errors
 from ckptio.planning.plan import OwnedFilePlan, plan_owned_files
@@ -231,42 +231,17 @@ class _LoadPlan:
     report: LoadReport
 
 
+def _box_reader_shapes(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    reader = BoxReader(path)
+    try:
+        return reader.shapes()
+    finally:
+        reader.close()
+
+
 def _plan_load(dest: dict[str, torch.Tensor], checkpoint, aliases: dict[str, str], verify: bool) -> _LoadPlan:
     ck = locate_model(checkpoint)
-    report = LoadReport()
-    per_file: list[tuple[str, list[tuple[str, str]]]] = []
-    loaded: set[str] = set()
-    for name in ck.files:
-        reader = BoxReader(ck.folder / name)
-        try:
-            shapes = reader.shapes()
-        finally:
-            reader.close()
-        if ck.index is not None:
-            absent = [k for k, f in ck.index.weight_map.items() if f == name and k not in shapes]
-            if absent:
-                raise CheckpointCorruptError(
-                    f"index {Path(ck.index.path).name} places {absent[:5]} in this shard but it does not hold them",
-                    path=ck.folder / name,
-                )
-        mapping, unexpected = match_keys(list(shapes), dest)
-        report.unexpected_keys.extend(unexpected)
-        todo = []
-        for file_key, live_key in mapping.items():
-            dtype, shape = shapes[file_key]
-            live = dest[live_key]
-            if live.dtype != dtype or tuple(live.shape) != tuple(shape):
-                report.mismatched.append(
-                    Mismatch(live_key, describe_tensor(live.dtype, live.shape), describe_tensor(dtype, shape))
-                )
-                continue
-            todo.append((file_key, live_key))
-            loaded.add(live_key)
-        per_file.append((name, todo))
-    mismatched = {m.key for m in report.mismatched}
-    for key in dest:
-        if key not in loaded and key not in mismatched and aliases.get(key) not in loaded:
-            report.missing_keys.append(key)
+    per_file, report = match_files_to_model(ck, dest, aliases, _box_reader_shapes)
     # Each rank checks the sizes (and checksums) of the files it will read.
     needed = [name for name, todo in per_file if todo]
     check_against_manifest(ck.folder, needed, checksums=verify)

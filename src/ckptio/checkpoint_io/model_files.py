@@ -319,6 +319,59 @@ def match_keys(file_keys: list[str], dest: dict[str, torch.Tensor]) -> tuple[dic
     return mapping, unexpected
 
 
+def _weights_file_shapes(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    weights = WeightsFile(path)
+    try:
+        return weights.shapes()
+    finally:
+        weights.close()
+
+
+def match_files_to_model(
+    ck: ModelCheckpoint,
+    dest: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    read_shapes: Callable[[Path], dict[str, tuple[torch.dtype, tuple[int, ...]]]],
+) -> tuple[list[tuple[str, list[tuple[str, str]]]], LoadReport]:
+    """Pair every tensor of every file with its live tensor from the headers alone.
+
+    All missing, unexpected and mismatching keys are collected before a single byte is copied,
+    so a strict load can refuse with one complete report and leave the model untouched.
+    Returns ``[(file, [(file_key, live_key), ...]), ...]`` and the report.
+    """
+    report = LoadReport()
+    per_file: list[tuple[str, list[tuple[str, str]]]] = []
+    loaded: set[str] = set()
+    for name in ck.files:
+        shapes = read_shapes(ck.folder / name)
+        if ck.index is not None:
+            absent = [k for k, f in ck.index.weight_map.items() if f == name and k not in shapes]
+            if absent:
+                raise CheckpointCorruptError(
+                    f"index {Path(ck.index.path).name} places {absent[:5]} in this shard but it does not hold them",
+                    path=ck.folder / name,
+                )
+        mapping, unexpected = match_keys(list(shapes), dest)
+        report.unexpected_keys.extend(unexpected)
+        todo = []
+        for file_key, live_key in mapping.items():
+            dtype, shape = shapes[file_key]
+            live = dest[live_key]
+            if live.dtype != dtype or tuple(live.shape) != tuple(shape):
+                report.mismatched.append(
+                    Mismatch(live_key, describe_tensor(live.dtype, live.shape), describe_tensor(dtype, shape))
+                )
+                continue
+            todo.append((file_key, live_key))
+            loaded.add(live_key)
+        per_file.append((name, todo))
+    mismatched = {m.key for m in report.mismatched}
+    for key in dest:
+        if key not in loaded and key not in mismatched and aliases.get(key) not in loaded:
+            report.missing_keys.append(key)
+    return per_file, report
+
+
 def load_model_state(
     dest: dict[str, torch.Tensor],
     checkpoint: str | os.PathLike,
@@ -342,42 +395,7 @@ def load_model_state(
         )
     ck = locate_model(checkpoint)
     check_against_manifest(ck.folder, ck.files, checksums=verify)
-    report = LoadReport()
-    per_file: list[tuple[str, list[tuple[str, str]]]] = []
-    loaded: set[str] = set()
-    for name in ck.files:
-        weights = WeightsFile(ck.folder / name)
-        try:
-            shapes = weights.shapes()
-        finally:
-            weights.close()
-        if ck.index is not None:
-            listed = [k for k, f in ck.index.weight_map.items() if f == name]
-            absent = [k for k in listed if k not in shapes]
-            if absent:
-                raise CheckpointCorruptError(
-                    f"index {Path(ck.index.path).name} places {absent[:5]} in this shard but it does not hold them",
-                    path=ck.folder / name,
-                )
-        mapping, unexpected = match_keys(list(shapes), dest)
-        report.unexpected_keys.extend(unexpected)
-        todo = []
-        for file_key, live_key in mapping.items():
-            dtype, shape = shapes[file_key]
-            live = dest[live_key]
-            if live.dtype != dtype or tuple(live.shape) != tuple(shape):
-                report.mismatched.append(
-                    Mismatch(live_key, describe_tensor(live.dtype, live.shape), describe_tensor(dtype, shape))
-                )
-                continue
-            todo.append((file_key, live_key))
-            loaded.add(live_key)
-        per_file.append((name, todo))
-    aliases = aliases or {}
-    mismatched = {m.key for m in report.mismatched}
-    for key in dest:
-        if key not in loaded and key not in mismatched and aliases.get(key) not in loaded:
-            report.missing_keys.append(key)
+    per_file, report = match_files_to_model(ck, dest, aliases or {}, _weights_file_shapes)
     if strict and not report.ok:
         raise StateMismatchError(
             f"checkpoint does not fit the model (strict=True): {report.describe()}", path=checkpoint, report=report

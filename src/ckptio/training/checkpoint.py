@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,13 +179,23 @@ def save_checkpoint(
         collective_step(
             group,
             f"committing checkpoint {target}",
-            lambda: commit.commit([r for recs in per_rank for r in recs]) if group.rank == 0 else None,
+            lambda: (
+                commit.commit([r for recs in per_rank for r in recs], manifest_extra=_layout_extra(io))
+                if group.rank == 0
+                else None
+            ),
         )
     except BaseException:
         if group.rank == 0:
             commit.abort()
         raise
     return target
+
+
+def _layout_extra(io: Any) -> dict[str, Any] | None:
+    """How the saving job was laid out (plugin, mesh), for inspection; loading never needs it to match."""
+    extra = getattr(io, "_manifest_extra", None)
+    return extra() if callable(extra) else None
 
 
 def load_checkpoint(
@@ -246,5 +257,13 @@ def load_checkpoint(
         rng_path = load_dir / rng.rng_file_name(rank)
         if rng_path.is_file():
             rng.restore_rng_state(read_json_file(rng_path, what="RNG state file"), path=str(rng_path))
+        elif running.get("format") == FORMAT and running.get("world_size") == DistCoordinator().world_size:
+            # we wrote one per rank, so its absence means a damaged folder: say the run will not be bit-exact
+            warnings.warn(
+                f"{rng_path}: RNG state file is missing; random streams keep their current state, "
+                "so the resumed run will not repeat the uninterrupted one exactly",
+                UserWarning,
+                stacklevel=2,
+            )
     warn_if_world_size_changed(running, DistCoordinator().world_size, where=str(load_dir))
     return epoch, step, start

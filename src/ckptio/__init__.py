@@ -15,11 +15,13 @@ from ckptio.errors import (
     StateMismatchError,
     UnsafeCheckpointError,
 )
+from ckptio.manager import CheckpointManager
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Booster",
+    "CheckpointManager",
     "CheckpointIO",
     "GeneralCheckpointIO",
     "LoadReport",

@@ -359,7 +359,12 @@ def match_files_to_model(
             live = dest[live_key]
             if live.dtype != dtype or tuple(live.shape) != tuple(shape):
                 report.mismatched.append(
-                    Mismatch(live_key, describe_tensor(live.dtype, live.shape), describe_tensor(dtype, shape))
+                    Mismatch(
+                        live_key,
+                        describe_tensor(live.dtype, live.shape),
+                        describe_tensor(dtype, shape),
+                        file=name if ck.index is not None else "",
+                    )
                 )
                 continue
             todo.append((file_key, live_key))

@@ -105,9 +105,11 @@ class Mismatch:
     key: str
     expected: str
     found: str
+    file: str = ""  # the shard holding the key, when the checkpoint is a folder
 
     def __str__(self) -> str:
-        return f"{self.key}: model has {self.expected}, checkpoint has {self.found}"
+        where = f" (in {self.file})" if self.file else ""
+        return f"{self.key}: model has {self.expected}, checkpoint has {self.found}{where}"
 
 
 @dataclass

@@ -157,13 +157,15 @@ class SafetensorsReader:
         _readinto_exact(self._fh, 8, memoryview(raw), path)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointFormatError(f"safetensors header is not valid JSON: {exc}", path=path) from exc
         if not isinstance(header, dict):
             raise CheckpointFormatError("safetensors header is not a JSON object", path=path)
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise CheckpointFormatError("safetensors __metadata__ is not an object", path=path)
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            # the format (and every other reader) allows only string values here
+            raise CheckpointFormatError("safetensors __metadata__ is not an object of strings", path=path)
         data_start = 8 + header_len
         infos: dict[str, TensorInfo] = {}
         for name, entry in header.items():

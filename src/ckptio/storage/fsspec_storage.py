@@ -145,7 +145,7 @@ def read_marker(fs, root: str) -> str | None:
     where = fs.unstrip_protocol(marker)
     try:
         body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointFormatError(f"commit marker is not valid JSON: {exc}", path=where) from exc
     version = body.get("version") if isinstance(body, dict) else None
     if (

@@ -23,7 +23,7 @@ from ckptio.checkpoint_io.model_files import ModelFilePlan
 from ckptio.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptio.formats import colossal_optim, torch_format
 from ckptio.formats.hf_index import read_index
-from ckptio.planning.collectives import Group, collective_step
+from ckptio.planning.collectives import Group, collective_step, peer_failure
 from ckptio.planning.plan import OwnedFilePlan
 from ckptio.storage import atomic
 from ckptio.storage.base import FileRecord, FileWriter
@@ -95,7 +95,8 @@ def full_state_dict_on_master(optimizer: torch.optim.Optimizer, group: Group) ->
         out = {}
         for sname, value in entries.items():
             if is_dtensor(value):
-                value = value.full_tensor()
+                with peer_failure("gathering optimizer state onto the master"):
+                    value = value.full_tensor()
             if isinstance(value, torch.Tensor):
                 value = value.detach().cpu().contiguous()
             out[sname] = value

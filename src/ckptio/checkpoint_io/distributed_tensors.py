@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ckptio.formats import safetensors_format
 from ckptio.formats.safetensors_format import TensorInfo, tensor_bytes
-from ckptio.planning.collectives import Group
+from ckptio.planning.collectives import Group, peer_failure
 
 try:  # torch >= 2.4 exposes the public DTensor module
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -136,6 +136,11 @@ def gather_full(t: torch.Tensor, regions: list[Region], owner: int, group: Group
 
     Point-to-point: each distinct box travels once, from its lowest holder to the owner.
     """
+    with peer_failure(f"sending a tensor to rank {owner}, which writes it"):
+        return _gather_full(t, regions, owner, group)
+
+
+def _gather_full(t: torch.Tensor, regions: list[Region], owner: int, group: Group) -> torch.Tensor | None:
     rank = group.rank
     if not is_dtensor(t):
         return t.detach().cpu().contiguous() if rank == owner else None

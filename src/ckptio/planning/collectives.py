@@ -12,8 +12,9 @@ the original exception.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,23 +49,51 @@ class Group:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
-    def all_gather_object(self, obj: Any) -> list[Any]:
+    def all_gather_object(self, obj: Any, what: str = "") -> list[Any]:
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj, group=self.group)
+        _talking(what or "exchanging results", lambda: dist.all_gather_object(out, obj, group=self.group))
         return out
 
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+    def broadcast_object(self, obj: Any, src: int = 0, what: str = "") -> Any:
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self.global_rank(src), group=self.group)
+        _talking(
+            what or "receiving the master's decision",
+            lambda: dist.broadcast_object_list(box, src=self.global_rank(src), group=self.group),
+        )
         return box[0]
 
-    def barrier(self) -> None:
+    def barrier(self, what: str = "") -> None:
         if self.active:
-            dist.barrier(group=self.group)
+            _talking(what or "waiting for every rank", lambda: dist.barrier(group=self.group))
+
+
+def _talking(what: str, call: Callable[[], Any]) -> None:
+    with peer_failure(what):
+        call()
+
+
+@contextlib.contextmanager
+def peer_failure(what: str) -> Iterator[None]:
+    """Turn a collective cut off by a dead or hung peer into a :class:`DistributedCheckpointError`.
+
+    The backend's own error (gloo: "Connection reset by peer", or a timeout) says nothing of
+    the checkpoint; this one says which step was cut off, and keeps the backend's words.
+    """
+    try:
+        yield
+    except DistributedCheckpointError:
+        raise
+    except RuntimeError as exc:  # DistBackendError and gloo's errors derive from RuntimeError
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        raise DistributedCheckpointError(
+            f"{what}: lost contact with another rank (it died, or hung past the process group's timeout); "
+            f"this step was abandoned and nothing it was writing was committed. Backend said: {first_line}"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -98,7 +127,7 @@ def collective_step(group: Group, name: str, fn: Callable[[], T], *, gather: boo
     except Exception as exc:  # noqa: BLE001 (reported to every rank below)
         local_exc = exc
         outcome = _Outcome(False, None, _describe(exc), type(exc).__name__)
-    outcomes = group.all_gather_object(outcome)
+    outcomes = group.all_gather_object(outcome, what=name)
     raise_if_failed(group, name, outcomes, local_exc)
     return [o.value for o in outcomes] if gather else value
 
@@ -114,7 +143,7 @@ def report_errors(group: Group, name: str, local_error: BaseException | None) ->
         outcome = _Outcome(True)
     else:
         outcome = _Outcome(False, None, _describe(local_error), type(local_error).__name__)
-    raise_if_failed(group, name, group.all_gather_object(outcome), local_error)
+    raise_if_failed(group, name, group.all_gather_object(outcome, what=name), local_error)
 
 
 def raise_if_failed(group: Group, name: str, outcomes: list[_Outcome], local_exc: BaseException | None) -> None:

@@ -6,10 +6,11 @@ through a shuffling ``StatefulDistributedSampler``, with AdamW (two param groups
 cosine LR schedule and NumPy noise augmentation:
 
 1. ``straight``: every step, no interruption;
-2. ``first``: checkpoints with ``save_checkpoint`` every ``--save-every`` steps and dies
-   (``os._exit``) after step ``--interrupt-at``, in the middle of an epoch;
-3. ``resume``: a fresh process finds the newest checkpoint, ``load_checkpoint``s it and
-   trains to the end (the steps after that checkpoint are done again).
+2. ``first``: checkpoints through a ``CheckpointManager`` every ``--save-every`` steps,
+   keeping the newest ``--keep-last``, and dies (``os._exit``) after step ``--interrupt-at``,
+   in the middle of an epoch;
+3. ``resume``: a fresh process asks the manager for the newest complete checkpoint, resumes
+   from it and trains to the end (the steps after that checkpoint are done again).
 
 Every per-step loss and every final weight of 2+3 must equal those of 1 (``torch.equal``,
 losses compared as exact float bits). Each run uses ``--nproc`` ranks (default 2, one process
@@ -24,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ckptio import Booster, DistCoordinator
+from ckptio import Booster, CheckpointManager
 from ckptio.plugins import TorchDDPPlugin, TorchFSDPPlugin
-from ckptio.training import StatefulDistributedSampler, load_checkpoint, save_checkpoint
+from ckptio.training import StatefulDistributedSampler, load_checkpoint
 
 INTERRUPTED_EXIT_CODE = 17
 
@@ -61,15 +61,6 @@ def make_data(samples: int) -> TensorDataset:
     x = torch.randn(samples, 32, generator=gen)
     y = (x @ torch.randn(32, 4, generator=gen)).argmax(dim=1)
     return TensorDataset(x, y)
-
-
-def newest_checkpoint(folder: Path) -> Path | None:
-    found = []
-    for path in folder.glob("epoch-*_step-*"):
-        match = re.fullmatch(r"epoch-(\d+)_step-(\d+)", path.name)
-        if match and (path / "running_states.json").is_file():
-            found.append((int(match[1]), int(match[2]), path))
-    return max(found)[2] if found else None
 
 
 def worker(rank: int, world_size: int, args: argparse.Namespace) -> int:
@@ -97,16 +88,17 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> int:
     scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[4])
     booster = Booster(plugin=make_plugin(args.plugin))
     model, optimizer, _, loader, scheduler = booster.boost(model, optimizer, None, loader, scheduler)
-    coordinator = DistCoordinator()
+    manager = CheckpointManager(args.workdir / "checkpoints", booster, keep_last=args.keep_last)
 
     start_epoch, start_step, stats = 0, 0, {"save_s": [], "load_s": None, "resumed_from": None}
     if args.phase == "resume":
-        ckpt = newest_checkpoint(args.workdir / "checkpoints")
-        if ckpt is None:
+        ckpt = manager.latest()  # the newest complete checkpoint; resume() loads this one
+        t0 = time.perf_counter()
+        resumed = manager.resume(model, optimizer, scheduler)
+        if ckpt is None or resumed is None:
             print("no checkpoint to resume from", file=sys.stderr)
             return 2
-        t0 = time.perf_counter()
-        start_epoch, start_step, sample_start = load_checkpoint(ckpt, booster, model, optimizer, scheduler)
+        start_epoch, start_step, sample_start = resumed
         stats["load_s"] = time.perf_counter() - t0
         stats["resumed_from"] = ckpt.name
         sampler.set_start_index(sample_start)
@@ -132,10 +124,7 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> int:
             log.flush()
             if args.phase == "first" and global_step % args.save_every == 0:
                 t0 = time.perf_counter()
-                save_checkpoint(
-                    args.workdir / "checkpoints", booster, model, optimizer, scheduler, epoch, step,
-                    args.batch_size, coordinator,
-                )  # fmt: skip
+                manager.save(model, optimizer, scheduler, epoch, step, args.batch_size)  # then rotates
                 stats["save_s"].append(time.perf_counter() - t0)
                 if rank == 0:
                     (out / "stats.json").write_text(json.dumps(stats))
@@ -144,7 +133,9 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> int:
     log.close()
     booster.save_model(model, out / "final.safetensors")
     if args.phase == "resume":  # a full training checkpoint of the end, for the 1-rank check
-        save_checkpoint(args.workdir / "final", booster, model, optimizer, scheduler, args.epochs, 0, args.batch_size)
+        CheckpointManager(args.workdir / "final", booster).save(
+            model, optimizer, scheduler, args.epochs, 0, args.batch_size
+        )
     if rank == 0:
         (out / "stats.json").write_text(json.dumps({**stats, "steps": total_steps}))
     return 0
@@ -206,7 +197,17 @@ def launch(args: argparse.Namespace) -> int:
 
 def run_phase(args: argparse.Namespace, phase: str) -> tuple[int, float]:
     cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--workdir", str(args.workdir)]
-    for name in ("epochs", "samples", "batch_size", "save_every", "interrupt_at", "seed", "nproc", "plugin"):
+    for name in (
+        "epochs",
+        "samples",
+        "batch_size",
+        "save_every",
+        "keep_last",
+        "interrupt_at",
+        "seed",
+        "nproc",
+        "plugin",
+    ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, check=False).returncode
@@ -245,9 +246,11 @@ def compare(args: argparse.Namespace) -> int:
         f"interrupted run   : died after step {max(first)} (exit code {INTERRUPTED_EXIT_CODE}); "
         f"{len(saves)} checkpoints saved, {sum(saves) / len(saves):.3f} s each on average"
     )
+    kept = [p.name for p in CheckpointManager(work / "checkpoints", None).checkpoints()]
     print(f"checkpoint        : {ckpt.name} ({n_files} files, {n_bytes / 1024:.1f} KiB)")
+    print(f"rotation          : {len(saves)} saved, the newest {len(kept)} kept (keep_last={args.keep_last}): {kept}")
     print(
-        f"resumed run       : new process, load_checkpoint in {stats_resume['load_s']:.3f} s, "
+        f"resumed run       : new process, manager.resume() in {stats_resume['load_s']:.3f} s, "
         f"steps {stats_resume['start_step'] + 1}..{stats_resume['steps']}"
     )
     print(f"losses            : {len(straight) - len(set(bad_losses))}/{len(straight)} bit-identical")
@@ -270,7 +273,7 @@ def check_final_on_one_rank(args: argparse.Namespace, reference: dict[str, torch
     one, no plugin) and return the names of weights that differ from ``reference``."""
     import warnings
 
-    ckpt = newest_checkpoint(args.workdir / "final")
+    ckpt = CheckpointManager(args.workdir / "final", None).latest()
     if ckpt is None:
         return ["<no final checkpoint>"]
     model = make_model()
@@ -305,6 +308,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plugin", choices=("fsdp", "ddp", "none"), default="fsdp", help="parallel layout")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--save-every", type=int, default=5)
+    parser.add_argument("--keep-last", type=int, default=2, help="checkpoints the manager keeps")
     parser.add_argument("--interrupt-at", type=int, default=22, help="global step after which the run dies")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

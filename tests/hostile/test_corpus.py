@@ -83,12 +83,35 @@ def shards(folder: Path, suffix: str = ".safetensors") -> list[Path]:
 
 
 def load_model(path: Path, **kwargs) -> None:
-    Booster().load_model(MLPWithBuffers(), path, **kwargs)
+    """Load into a live model; if the load is refused, the model must still hold its own values."""
+    live = randomize(MLPWithBuffers(), 11)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    try:
+        Booster().load_model(live, path, **kwargs)
+    except CheckpointError:
+        changed = [k for k, v in live.state_dict().items() if not torch.equal(v, before[k])]
+        assert not changed, f"a refused load changed the live model: {changed}"
+        raise
+
+
+def _optimizer_snapshot(optimizer) -> list:
+    state = [(k, v.clone()) for s in optimizer.state.values() for k, v in s.items()]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return [state, groups]
 
 
 def load_optimizer(path: Path, **kwargs) -> None:
+    """Load into a live optimizer; if the load is refused, its state and hyper-parameters stay."""
     _, optimizer, _ = _trained()
-    Booster().load_optimizer(optimizer, path, **kwargs)
+    before = _optimizer_snapshot(optimizer)
+    try:
+        Booster().load_optimizer(optimizer, path, **kwargs)
+    except CheckpointError:
+        after = _optimizer_snapshot(optimizer)
+        assert after[1] == before[1], "a refused load changed the param groups"
+        assert [k for k, _ in after[0]] == [k for k, _ in before[0]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(after[0], before[0])), "a refused load changed state"
+        raise
 
 
 def load_scheduler(path: Path) -> None:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from tests.dist.harness import run_ranks
 from tests.dist.models import full_optimizer_state, full_state, make_optimizer, make_uneven
 
-from ckptio import Booster
+from ckptio import Booster, CheckpointManager
 from ckptio.plugins import TorchDDPPlugin, TorchFSDPPlugin
 from ckptio.training import load_checkpoint, save_checkpoint
 
@@ -137,3 +139,51 @@ def test_resume_on_another_world_size_restores_all_and_warns_about_rng(tmp_path)
         load_checkpoint(ckpt, booster, model, optimizer, scheduler)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items())
     assert scheduler.state_dict() == saved_sched
+
+
+@pytest.mark.parametrize("plugin", ["fsdp", "ddp"])
+def test_checkpoint_manager_on_2_ranks_rotates_and_resumes_exactly(tmp_path, plugin):
+    """CheckpointManager on every rank: only the master deletes, all ranks agree on what to
+    resume from, and the resumed run continues bit-exactly; a crashed save's staging folder is
+    cleared and never chosen."""
+    save_dir = tmp_path / "run"
+
+    def train_and_save():
+        booster, model, optimizer, scheduler = _setup(plugin)
+        manager = CheckpointManager(save_dir, booster, keep_last=2, save_every=2)
+        for step in range(1, STEPS + 1):
+            _steps(model, optimizer, scheduler, step - 1, step)
+            manager.save(model, optimizer, scheduler, 0, step, BATCH, size_per_shard=0.0003)
+            if step == 4:
+                at_four = _final(model, optimizer)
+        kept = [p.name for p in manager.checkpoints()]
+        losses = _steps(model, optimizer, scheduler, STEPS, STEPS + 2)
+        return kept, at_four, losses
+
+    def resume():
+        if torch.distributed.get_rank() == 0:  # debris of a save that crashed, newer than any real one
+            (save_dir / ".epoch-9_step-99.ckptio-tmp-0123456789ab").mkdir()
+        torch.distributed.barrier()
+        booster, model, optimizer, scheduler = _setup(plugin)
+        manager = CheckpointManager(save_dir, booster)
+        # drop the newest (step 6) so the resume lands on step 4, whose state we kept
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(save_dir / f"epoch-0_step-{STEPS}")
+        torch.distributed.barrier()
+        where = manager.resume(model, optimizer, scheduler)
+        state = _final(model, optimizer)
+        losses = _steps(model, optimizer, scheduler, 4, STEPS + 2)
+        return where, state, losses, sorted(p.name for p in save_dir.iterdir())
+
+    def scenario(ctx):
+        return ctx.phase(2, "train", train_and_save), ctx.phase(2, "resume", resume)
+
+    results = run_ranks(scenario, 2, tmp_path)
+    for rank in range(2):
+        (kept, at_four, straight_losses), (where, state, losses, names) = results[rank]
+        assert kept == ["epoch-0_step-4", "epoch-0_step-6"]
+        assert where == (0, 4, 4 * BATCH)
+        assert names == ["epoch-0_step-4"], "the crashed save's staging folder is removed"
+        assert all(torch.equal(state["model"][k], v) for k, v in at_four["model"].items())
+        assert all(torch.equal(state["optim"][0][k], v) for k, v in at_four["optim"][0].items())
+        assert losses[-2:] == straight_losses  # the same last two steps after resuming at 4

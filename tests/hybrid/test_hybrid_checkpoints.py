@@ -80,9 +80,12 @@ def _job(make_model, tp: int, *, load=None, save=None, steps=range(0), seed: int
     if save is not None:
         booster.save_model(model, save / "model", shard=True, use_safetensors=True, size_per_shard=0.002)
         booster.save_optimizer(optimizer, save / "optim", shard=True, size_per_shard=0.002)
-        save_checkpoint(save / "train", booster, model, optimizer, None, 0, 3, 1)
+        # async on a 2-D mesh: staged boxes written by the background threads (booster.wait() below)
+        save_checkpoint(save / "train", booster, model, optimizer, None, 0, 3, 1, use_async=True)
+        assert booster.checkpoint_io._background is not None, "the 2-D layout must take the background path"
         out["saved"] = full_state(model)
         out["saved_optim"] = full_optimizer_state(optimizer, model)
+        booster.wait()
     return out
 
 

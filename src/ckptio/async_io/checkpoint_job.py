@@ -5,8 +5,7 @@ files (LR scheduler, RNG, running states) are rendered to bytes at call time, an
 writes everything into one staging folder and commits it once, exactly like the synchronous
 save. One job, not one per part: the next part would otherwise wait for the previous one.
 
-Multi-rank saves stay synchronous: their collectives must not run on a background thread
-while training uses the same process group.
+Several ranks: :mod:`ckptio.async_io.distributed_checkpoint_job`.
 """
 
 from __future__ import annotations

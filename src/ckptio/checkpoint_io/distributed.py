@@ -13,13 +13,16 @@ parameters are DTensors: the layout travels with the tensors. Every method is co
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ckptio.checkpoint_io import distributed_optim as doptim
 from ckptio.checkpoint_io.distributed_state import WriteSpec, load_state, save_state, state_aliases, write_state
+from ckptio.checkpoint_io.distributed_tensors import can_stage_parts, stage_parts
 from ckptio.checkpoint_io.general import GeneralCheckpointIO
 from ckptio.checkpoint_io.hf_config import hf_config_files
 from ckptio.checkpoint_io.model_files import (
@@ -54,7 +57,14 @@ def _model_plan(plan) -> ModelFilePlan:
 class DistributedCheckpointIO(GeneralCheckpointIO):
     """Saves from and loads into every rank of ``group`` (the default group when None).
 
-    ``use_async`` saves are written before the call returns (not overlapped yet).
+    ``use_async=True`` (``save_model``; ``save_optimizer`` with ``shard=True`` in ckptio's
+    layout): each rank copies only its own parts into host staging buffers and returns; a
+    background thread on every rank then runs the usual collective save over a process group
+    of its own (gloo, created at the first async save), so its collectives never interleave
+    with training's. Layouts that would need collectives on the mesh to stage (``Partial``
+    placements, strided shards), a ``group`` other than the default one, and the other
+    optimizer layouts save synchronously. Call ``booster.wait()`` before destroying the
+    process group.
     """
 
     def __init__(self, group: Any = None, *, layout: dict[str, Any] | None = None) -> None:
@@ -62,6 +72,31 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
         # how the saving job was laid out (plugin, mesh, torch version): recorded in each
         # folder's manifest for inspection, never required to match on load
         self.layout = layout
+        self._background: Group | None = None
+
+    def _background_group(self) -> Group | None:
+        """The process group of background saves, or None where async saves stay synchronous."""
+        if self._background is None:
+            if not self.group.active or self.group.group not in (None, dist.group.WORLD):
+                return None  # new_group must be entered by every rank of the world: only for the default group
+            self._background = Group(dist.new_group(backend="gloo"))
+        return self._background
+
+    def _submit_background(self, state: dict[str, torch.Tensor], slot: str, what: str, write) -> bool:
+        """Stage this rank's parts of ``state`` and run ``write(staged, group)`` in the background.
+
+        Returns False (nothing done) when the state cannot be staged without collectives; every
+        rank reaches the same answer, as every rank holds the same kinds of placements.
+        """
+        if not can_stage_parts(state):
+            return False
+        group = self._background_group()
+        if group is None:
+            return False
+        self.async_saver.submit(
+            lambda staging: stage_parts(staging, state, slot), lambda staged: write(staged, group), what=what
+        )
+        return True
 
     def _manifest_extra(self) -> dict[str, Any] | None:
         return {"layout": self.layout} if self.layout else None
@@ -74,15 +109,22 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
             spec = WriteSpec(
                 spec.weights_name, spec.max_shard_bytes, False, _single_file_is_safetensors(checkpoint, opts)
             )
-        save_state(
-            model_state_to_save(model),
-            checkpoint,
-            spec,
-            self.group,
-            owns=model_owned_files(opts.prefix),
-            metadata=lambda writer, plan: write_model_metadata(writer, _model_plan(plan), opts, extra_files=extra),
-            manifest_extra=self._manifest_extra(),
-        )
+
+        def write(state: dict[str, Any], group: Group) -> None:
+            save_state(
+                state,
+                checkpoint,
+                spec,
+                group,
+                owns=model_owned_files(opts.prefix),
+                metadata=lambda writer, plan: write_model_metadata(writer, _model_plan(plan), opts, extra_files=extra),
+                manifest_extra=self._manifest_extra(),
+            )
+
+        state = model_state_to_save(model)
+        if use_async and self._submit_background(state, "model", f"model to {checkpoint}", write):
+            return
+        write(state, self.group)
 
     def _load_model(self, model: nn.Module, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify):
         dest = live_tensors(model)
@@ -98,15 +140,22 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
             doptim.save_full_on_master(optimizer, checkpoint, opts, self.group)
             return
         flat, description = doptim.flat_optimizer_state(optimizer)
-        save_state(
-            flat,
-            checkpoint,
-            doptim.optimizer_write_spec(opts),
-            self.group,
-            owns=owned_files(prefix),
-            metadata=doptim.index_writer(description, prefix),
-            manifest_extra=self._manifest_extra(),
-        )
+        description = copy.deepcopy(description)  # a background save must not see later hyper-parameter changes
+
+        def write(state: dict[str, Any], group: Group) -> None:
+            save_state(
+                state,
+                checkpoint,
+                doptim.optimizer_write_spec(opts),
+                group,
+                owns=owned_files(prefix),
+                metadata=doptim.index_writer(description, prefix),
+                manifest_extra=self._manifest_extra(),
+            )
+
+        if use_async and self._submit_background(flat, "optimizer", f"optimizer to {checkpoint}", write):
+            return
+        write(flat, self.group)
 
     def _load_optimizer(self, optimizer, checkpoint: str, *, low_cpu_mem_mode, num_threads, verify):
         collective_step(
@@ -140,14 +189,19 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
     # returns the records of the files this rank wrote. Failures are raised on all ranks at once.
     def _write_model_into(self, writer, subdir: str, model: nn.Module, opts: ModelSaveOptions) -> list:
         extra = hf_config_files(unwrap_model(model)) if opts.shard else {}
-        spec = WriteSpec.for_model(opts)
-        plan, records = write_state(model_state_to_save(model), writer, spec, self.group, subdir=subdir)
+        return self._write_model_state_into(writer, subdir, model_state_to_save(model), opts, extra, self.group)
+
+    def _write_model_state_into(
+        self, writer, subdir: str, state: dict[str, Any], opts: ModelSaveOptions, extra: dict, group: Group
+    ) -> list:
+        """``state`` may be live tensors or a background save's staged parts; ``group`` runs the collectives."""
+        plan, records = write_state(state, writer, WriteSpec.for_model(opts), group, subdir=subdir)
         return records + collective_step(
-            self.group,
+            group,
             "writing the model index",
             lambda: (
                 write_model_metadata(writer, _model_plan(plan), opts, subdir=subdir, extra_files=extra)
-                if self.group.rank == 0
+                if group.rank == 0
                 else []
             ),
         )

@@ -75,6 +75,18 @@ def write_optimizer_into(
             ),
         )
     flat, description = flat_optimizer_state(optimizer)
+    return write_flat_optimizer_into(writer, subdir, flat, description, opts, group)
+
+
+def write_flat_optimizer_into(
+    writer: FileWriter,
+    subdir: str,
+    flat: dict[str, Any],
+    description: dict[str, Any],
+    opts: ofiles.OptimizerSaveOptions,
+    group: Group,
+) -> list[FileRecord]:
+    """ckptio's sharded layout from already flattened state (live, or a background save's staged parts)."""
     plan, records = write_state(flat, writer, optimizer_write_spec(opts), group, subdir=subdir)
     write_index = index_writer(description, opts.prefix, subdir)
     records += collective_step(

@@ -102,8 +102,42 @@ def without_partial(t):
     return t
 
 
+@dataclass(frozen=True)
+class StagedPart:
+    """This rank's box of a sharded tensor, copied to host memory for a background save.
+
+    It stands in for the DTensor in the write path (same ``shape``, ``dtype`` and region), so
+    the background thread never touches the live DTensor or its mesh's process group.
+    """
+
+    local: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    region: Region
+
+
+def can_stage_parts(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every DTensor of ``state`` holds one box per rank and no pending reduction,
+    which is what a background save needs (anything else takes collectives on the mesh)."""
+    return not any(
+        is_dtensor(t) and (any(p.is_partial() for p in t.placements) or not local_region(t).box) for t in state.values()
+    )
+
+
+def stage_parts(staging, state: dict[str, torch.Tensor], slot: str) -> dict[str, torch.Tensor | StagedPart]:
+    """Host copies of this rank's parts of ``state`` (reused buffers); local work only, no collective."""
+    locals_ = {k: (t.to_local() if is_dtensor(t) else t) for k, t in state.items()}
+    staged = staging.stage_tree(locals_, slot)
+    return {
+        k: StagedPart(staged[k], t.shape, t.dtype, local_region(t)) if is_dtensor(t) else staged[k]
+        for k, t in state.items()
+    }
+
+
 def local_region(t: torch.Tensor) -> Region:
     """The box of the full tensor this rank holds (the whole tensor for a plain tensor)."""
+    if isinstance(t, StagedPart):
+        return t.region
     full = tuple(int(d) for d in t.shape)
     if not is_dtensor(t):
         return Region((0,) * len(full), full)
@@ -142,12 +176,15 @@ def gather_full(t: torch.Tensor, regions: list[Region], owner: int, group: Group
 
 def _gather_full(t: torch.Tensor, regions: list[Region], owner: int, group: Group) -> torch.Tensor | None:
     rank = group.rank
-    if not is_dtensor(t):
+    if isinstance(t, StagedPart):
+        local = t.local
+    elif not is_dtensor(t):
         return t.detach().cpu().contiguous() if rank == owner else None
-    if not all(r.box for r in regions):
+    elif not all(r.box for r in regions):
         full = t.full_tensor()
         return full.detach().cpu().contiguous() if rank == owner else None
-    local = t.to_local().detach()
+    else:
+        local = t.to_local().detach()
     if regions[owner].shape == tuple(t.shape):
         # the owner holds a whole replica (Replicate, a world of one): nothing travels
         return local.cpu().contiguous() if rank == owner else None

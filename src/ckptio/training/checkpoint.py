@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,9 @@ def save_checkpoint(
     ColossalChat's positional signature; ``step`` counts steps within ``epoch`` and
     ``batch_size`` is per rank, so ``sample_start_index = step * batch_size``. Every rank
     calls it. ``sampler`` (a :class:`StatefulDistributedSampler`) and ``extra_states``
-    (JSON values) are stored in ``running_states.json``. ``use_async=True`` in one process
-    returns once model and optimizer are staged; the folder is written and committed in the
-    background (``booster.wait()`` makes it durable). With several ranks the checkpoint is
-    durable when this returns. Returns the path.
+    (JSON values) are stored in ``running_states.json``. ``use_async=True`` returns once model
+    and optimizer are staged (on several ranks, each rank's own parts); the folder is written
+    and committed in the background (``booster.wait()`` makes it durable). Returns the path.
     """
     epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
     if is_url(save_dir):  # object store: build the folder locally, upload it, commit marker last (synchronous)
@@ -158,12 +158,28 @@ def save_checkpoint(
                 files={rng.rng_file_name(0): rng.rng_state_bytes(0), RUNNING_STATES: running_bytes},
             )
             return target
-    token = group.broadcast_object(atomic.new_token() if group.rank == 0 else None)
-    commit = atomic.FolderCommit(target, token=token)
-    collective_step(group, f"starting checkpoint {target}", lambda: commit.begin() if group.rank == 0 else None)
+    if use_async and group.size > 1:
+        from ckptio.async_io.distributed_checkpoint_job import submit_distributed_training_checkpoint
 
-    def write() -> list:
-        writer = commit.writer
+        submitted = submit_distributed_training_checkpoint(
+            io,
+            target,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            model_opts=model_opts,
+            optim_opts=optim_opts,
+            model_dir=MODEL_DIR,
+            optimizer_dir=OPTIMIZER_DIR,
+            lr_scheduler_name=LR_SCHEDULER_FILE,
+            own_files={rng.rng_file_name(group.rank): rng.rng_state_bytes(group.rank)},
+            master_files={RUNNING_STATES: running_bytes},
+            manifest_extra=_layout_extra(io),
+        )
+        if submitted:  # every rank: stage now, write + commit in the background (booster.wait())
+            return target
+
+    def write(writer) -> list:
         records = list(io._write_model_into(writer, MODEL_DIR, model, model_opts))
         if optimizer is not None:
             records += io._write_optimizer_into(writer, OPTIMIZER_DIR, optimizer, optim_opts)
@@ -174,13 +190,25 @@ def save_checkpoint(
             records.append(writer.write(RUNNING_STATES, [running_bytes]))
         return records
 
+    commit_collectively(target, group, write, _layout_extra(io))
+    return target
+
+
+def commit_collectively(
+    target: Path, group: Group, write: Callable[[Any], list], manifest_extra: dict[str, Any] | None
+) -> None:
+    """Every rank of ``group`` writes its files (``write(writer)``) into one staging folder; the
+    master commits it with every rank's records, or removes it when any rank failed."""
+    token = group.broadcast_object(atomic.new_token() if group.rank == 0 else None)
+    commit = atomic.FolderCommit(target, token=token)
+    collective_step(group, f"starting checkpoint {target}", lambda: commit.begin() if group.rank == 0 else None)
     try:
-        per_rank = collective_step(group, f"writing checkpoint {target}", write, gather=True)
+        per_rank = collective_step(group, f"writing checkpoint {target}", lambda: write(commit.writer), gather=True)
         collective_step(
             group,
             f"committing checkpoint {target}",
             lambda: (
-                commit.commit([r for recs in per_rank for r in recs], manifest_extra=_layout_extra(io))
+                commit.commit([r for recs in per_rank for r in recs], manifest_extra=manifest_extra)
                 if group.rank == 0
                 else None
             ),
@@ -189,7 +217,6 @@ def save_checkpoint(
         if group.rank == 0:
             commit.abort()
         raise
-    return target
 
 
 def _layout_extra(io: Any) -> dict[str, Any] | None:

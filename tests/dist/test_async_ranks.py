@@ -1,0 +1,151 @@
+"""Async saves on 2 ranks: the call returns while the files are still being written, training
+(with its own collectives on the default group) goes on meanwhile, and what lands on disk is
+the state at the moment of the call; a background failure on one rank is raised by
+``booster.wait()`` on every rank and leaves the previous checkpoint as it was."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from tests.dist.harness import run_ranks
+from tests.dist.models import diff_keys, full_optimizer_state, full_state, make_optimizer, make_uneven, train
+
+from ckptio import Booster, DistributedCheckpointError
+from ckptio.checkpoint_io import distributed_state
+from ckptio.plugins import TorchDDPPlugin, TorchFSDPPlugin
+from ckptio.training import load_checkpoint, save_checkpoint
+
+
+def _boosted(plugin: str, seed: int = 0):
+    model = make_uneven(seed)
+    optimizer = make_optimizer(model)
+    booster = Booster(plugin=TorchFSDPPlugin(shard_classes={"Block"}) if plugin == "fsdp" else TorchDDPPlugin())
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    return booster, model, optimizer
+
+
+def _plain_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper prefix
+
+
+def _slow_writes(seconds: float) -> None:
+    """Every file written by a save takes ``seconds`` longer: the save is surely still running when the call returns."""
+    real = distributed_state.write_weights_file
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    distributed_state.write_weights_file = slow
+
+
+@pytest.mark.parametrize("plugin", ["fsdp", "ddp"])
+def test_async_save_on_2_ranks_is_the_state_at_call_time(tmp_path, plugin):
+    folder = tmp_path / "ck"
+
+    def save():
+        rank = torch.distributed.get_rank()
+        booster, model, optimizer = _boosted(plugin)
+        train(model, optimizer, 2, rank)
+        expected = _plain_names(full_state(model))
+        _slow_writes(0.3)
+        booster.save_model(
+            model, folder / "model", shard=True, use_safetensors=True, size_per_shard=0.0002, use_async=True
+        )
+        in_flight_after_call = booster.checkpoint_io.async_saver.in_flight
+        train(model, optimizer, 2, rank, start=2)  # changes every weight, with collectives, while the save runs
+        booster.save_optimizer(optimizer, folder / "optim", shard=True, size_per_shard=0.0003, use_async=True)
+        state, groups = full_optimizer_state(optimizer, model)
+        optimizer_expected = _plain_names(state), groups
+        train(model, optimizer, 1, rank, start=4)
+        booster.wait()
+        return expected, optimizer_expected, in_flight_after_call, _plain_names(full_state(model))
+
+    results = run_ranks(lambda ctx: ctx.phase(2, "save", save), 2, tmp_path)
+    model_at_call, optimizer_at_call, _, final = results[0]
+    assert all(r[2] for r in results), "the call must return before the files are written"
+    assert diff_keys(final, model_at_call) != [], "training changed the weights after the call"
+
+    model = make_uneven(7)
+    optimizer = make_optimizer(model)
+    booster = Booster()
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    booster.load_model(model, folder / "model", verify=True)
+    assert diff_keys(model.state_dict(), model_at_call) == []
+    booster.load_optimizer(optimizer, folder / "optim", verify=True)
+    state, groups = full_optimizer_state(optimizer, model)
+    assert groups == optimizer_at_call[1]
+    assert state.keys() == optimizer_at_call[0].keys()
+    assert all(torch.equal(state[k], v) for k, v in optimizer_at_call[0].items())
+
+
+def test_async_failure_on_one_rank_is_raised_by_wait_everywhere(tmp_path):
+    folder = tmp_path / "ck"
+
+    def save():
+        rank = torch.distributed.get_rank()
+        booster, model, optimizer = _boosted("fsdp")
+        booster.save_model(model, folder, shard=True, use_safetensors=True, size_per_shard=0.0002)
+        train(model, optimizer, 1, rank)
+        if rank == 1:
+
+            def broken(*args, **kwargs):
+                raise OSError(28, "No space left on device (injected)")
+
+            distributed_state.write_weights_file = broken
+        booster.save_model(model, folder, shard=True, use_safetensors=True, size_per_shard=0.0002, use_async=True)
+        try:
+            booster.wait()
+        except DistributedCheckpointError as exc:
+            message = str(exc)
+        else:
+            message = None
+        booster.wait()  # raised once
+        return message
+
+    messages = run_ranks(lambda ctx: ctx.phase(2, "save", save), 2, tmp_path)
+    assert all(m is not None and "rank 1" in m and "No space left" in m for m in messages), messages
+    plain = make_uneven(9)
+    Booster().load_model(plain, folder, verify=True)
+    assert diff_keys(plain.state_dict(), make_uneven(0).state_dict()) == []  # the first save, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_async_training_checkpoint_on_2_ranks_restores_the_state_at_call_time(tmp_path):
+    save_dir = tmp_path / "run"
+
+    def save():
+        rank = torch.distributed.get_rank()
+        booster, model, optimizer = _boosted("fsdp")
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        train(model, optimizer, 2, rank)
+        scheduler.step()
+        expected = full_state(model), full_optimizer_state(optimizer, model), scheduler.state_dict()
+        _slow_writes(0.2)
+        save_checkpoint(save_dir, booster, model, optimizer, scheduler, 0, 2, 3, use_async=True)
+        in_flight = booster.checkpoint_io.async_saver.in_flight
+        train(model, optimizer, 2, rank, start=2)
+        scheduler.step()
+        booster.wait()
+        return expected, in_flight
+
+    def load():
+        booster, model, optimizer = _boosted("fsdp", seed=5)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        where = load_checkpoint(save_dir / "epoch-0_step-2", booster, model, optimizer, scheduler, verify=True)
+        return where, full_state(model), full_optimizer_state(optimizer, model), scheduler.state_dict()
+
+    def scenario(ctx):
+        return ctx.phase(2, "save", save), ctx.phase(2, "load", load)
+
+    results = run_ranks(scenario, 2, tmp_path)
+    for rank in range(2):
+        ((model_at_call, optim_at_call, sched_at_call), in_flight), (where, model, optim, sched) = results[rank]
+        assert in_flight, "the call must return before the files are written"
+        assert where == (0, 2, 6)
+        assert diff_keys(model, model_at_call) == []
+        assert optim[1] == optim_at_call[1] and optim[0].keys() == optim_at_call[0].keys()
+        assert all(torch.equal(optim[0][k], v) for k, v in optim_at_call[0].items())
+        assert sched == sched_at_call

@@ -11,7 +11,7 @@ Several ranks: :mod:`ckptio.async_io.distributed_checkpoint_job`.
 from __future__ import annotations
 
 import io as _io
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,27 +44,49 @@ def _lr_scheduler_bytes(lr_scheduler: Any) -> bytes:
     return data
 
 
-def submit_training_checkpoint(
-    io: GeneralCheckpointIO,
-    target: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: Any,
-    lr_scheduler: Any,
-    model_opts: ModelSaveOptions,
-    optim_opts: OptimizerSaveOptions,
-    model_dir: str,
-    optimizer_dir: str,
-    lr_scheduler_name: str,
-    files: dict[str, bytes],
-) -> None:
-    """Stage everything now; write and commit ``target`` on ``io``'s background writer."""
-    live = live_model_state_for_staging(model)
-    extra = hf_config_files(unwrap_model(model)) if model_opts.shard else {}
-    snap = optimizer_snapshot(optimizer) if optimizer is not None else None
-    small = dict(files)
-    if lr_scheduler is not None:
-        small[lr_scheduler_name] = _lr_scheduler_bytes(lr_scheduler)
+@dataclass(frozen=True)
+class CheckpointParts:
+    """What one training checkpoint holds, as ``save_checkpoint`` hands it to a background job.
+
+    ``own_files`` are this rank's (its RNG file), ``master_files`` the shared small files that
+    only the master writes (running states); both are already rendered to bytes.
+    """
+
+    model: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    model_opts: ModelSaveOptions
+    optim_opts: OptimizerSaveOptions
+    model_dir: str
+    optimizer_dir: str
+    lr_scheduler_name: str
+    own_files: dict[str, bytes]
+    master_files: dict[str, bytes]
+    manifest_extra: dict[str, Any] | None = None
+
+
+def submit_in_background(io: Any, target: Path, parts: CheckpointParts, world_size: int) -> bool:
+    """Stage now and write + commit ``target`` in the background; False where that cannot be
+    done (the caller then saves synchronously). Every rank gets the same answer."""
+    if world_size > 1:
+        from ckptio.async_io.distributed_checkpoint_job import submit_distributed_training_checkpoint
+
+        return submit_distributed_training_checkpoint(io, target, parts)
+    if not can_submit(io):
+        return False
+    submit_training_checkpoint(io, target, parts)
+    return True
+
+
+def submit_training_checkpoint(io: GeneralCheckpointIO, target: Path, parts: CheckpointParts) -> None:
+    """One process: stage everything now; write and commit ``target`` on ``io``'s background writer."""
+    model_opts, optim_opts = parts.model_opts, parts.optim_opts
+    live = live_model_state_for_staging(parts.model)
+    extra = hf_config_files(unwrap_model(parts.model)) if model_opts.shard else {}
+    snap = optimizer_snapshot(parts.optimizer) if parts.optimizer is not None else None
+    small = {**parts.own_files, **parts.master_files}
+    if parts.lr_scheduler is not None:
+        small[parts.lr_scheduler_name] = _lr_scheduler_bytes(parts.lr_scheduler)
 
     def stage(staging):
         model_state = staging.stage(live, slot="model")
@@ -78,10 +100,10 @@ def submit_training_checkpoint(
         commit = atomic.FolderCommit(target).begin()
         with atomic.aborting_on_error(commit):
             writer = commit.writer
-            records = write_model_files(writer, model_state, model_opts, subdir=model_dir, extra_files=extra)
+            records = write_model_files(writer, model_state, model_opts, subdir=parts.model_dir, extra_files=extra)
             if staged_snap is not None:
-                records += write_optimizer_files(writer, staged_snap, optim_opts, subdir=optimizer_dir)
+                records += write_optimizer_files(writer, staged_snap, optim_opts, subdir=parts.optimizer_dir)
             records += [writer.write(name, [body]) for name, body in small.items()]
-            commit.commit(records)
+            commit.commit(records, manifest_extra=parts.manifest_extra)
 
     io.async_saver.submit(stage, write, what=f"training checkpoint {target}")

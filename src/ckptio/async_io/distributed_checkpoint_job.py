@@ -14,34 +14,15 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ckptio.async_io.checkpoint_job import _lr_scheduler_bytes
+from ckptio.async_io.checkpoint_job import CheckpointParts, _lr_scheduler_bytes
 from ckptio.checkpoint_io import distributed_optim as doptim
 from ckptio.checkpoint_io.distributed import DistributedCheckpointIO, model_state_to_save
 from ckptio.checkpoint_io.distributed_tensors import can_stage_parts, stage_parts
 from ckptio.checkpoint_io.hf_config import hf_config_files
-from ckptio.checkpoint_io.model_files import ModelSaveOptions
 from ckptio.checkpoint_io.model_state import unwrap_model
-from ckptio.checkpoint_io.optimizer_files import OptimizerSaveOptions
 
 
-def submit_distributed_training_checkpoint(
-    io: Any,
-    target: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: Any,
-    lr_scheduler: Any,
-    model_opts: ModelSaveOptions,
-    optim_opts: OptimizerSaveOptions,
-    model_dir: str,
-    optimizer_dir: str,
-    lr_scheduler_name: str,
-    own_files: dict[str, bytes],
-    master_files: dict[str, bytes],
-    manifest_extra: dict[str, Any] | None,
-) -> bool:
+def submit_distributed_training_checkpoint(io: Any, target: Path, parts: CheckpointParts) -> bool:
     """Stage and submit; False (nothing done, save synchronously) where a background save cannot run.
 
     Every rank reaches the same answer: the checks depend only on the kinds of placements and
@@ -51,6 +32,7 @@ def submit_distributed_training_checkpoint(
 
     if not isinstance(io, DistributedCheckpointIO):
         return False
+    model, optimizer, model_opts, optim_opts = parts.model, parts.optimizer, parts.model_opts, parts.optim_opts
     if optimizer is not None and optim_opts.layout != "ckptio":
         return False  # ColossalAI's layout gathers everything on the master with collectives on the mesh
     model_state = model_state_to_save(model)
@@ -62,8 +44,9 @@ def submit_distributed_training_checkpoint(
     if group is None:
         return False
     extra = hf_config_files(unwrap_model(model))
-    if lr_scheduler is not None:
-        master_files = {lr_scheduler_name: _lr_scheduler_bytes(lr_scheduler), **master_files}
+    master_files = dict(parts.master_files)
+    if parts.lr_scheduler is not None:
+        master_files[parts.lr_scheduler_name] = _lr_scheduler_bytes(parts.lr_scheduler)
 
     def stage(staging):
         return stage_parts(staging, model_state, "model"), stage_parts(staging, flat, "optimizer")
@@ -72,17 +55,17 @@ def submit_distributed_training_checkpoint(
         staged_model, staged_flat = staged
 
         def write_files(writer) -> list:
-            records = io._write_model_state_into(writer, model_dir, staged_model, model_opts, extra, group)
+            records = io._write_model_state_into(writer, parts.model_dir, staged_model, model_opts, extra, group)
             if optimizer is not None:
                 records += doptim.write_flat_optimizer_into(
-                    writer, optimizer_dir, staged_flat, description, optim_opts, group
+                    writer, parts.optimizer_dir, staged_flat, description, optim_opts, group
                 )
-            records += [writer.write(name, [data]) for name, data in own_files.items()]
+            records += [writer.write(name, [data]) for name, data in parts.own_files.items()]
             if group.rank == 0:
                 records += [writer.write(name, [data]) for name, data in master_files.items()]
             return records
 
-        commit_collectively(target, group, write_files, manifest_extra)
+        commit_collectively(target, group, write_files, parts.manifest_extra)
 
     io.async_saver.submit(stage, write, what=f"training checkpoint {target}")
     return True

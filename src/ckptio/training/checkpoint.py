@@ -140,30 +140,10 @@ def save_checkpoint(
     running_bytes = (json.dumps(running, indent=4) + "\n").encode("utf-8")
 
     target = Path(save_dir) / checkpoint_name(epoch, step)
-    if use_async and group.size == 1:
-        from ckptio.async_io.checkpoint_job import can_submit, submit_training_checkpoint
+    if use_async:
+        from ckptio.async_io.checkpoint_job import CheckpointParts, submit_in_background
 
-        if can_submit(io):  # one process: stage now, write + commit in the background (booster.wait())
-            submit_training_checkpoint(
-                io,
-                target,
-                model=model,
-                optimizer=optimizer,
-                lr_scheduler=lr_scheduler,
-                model_opts=model_opts,
-                optim_opts=optim_opts,
-                model_dir=MODEL_DIR,
-                optimizer_dir=OPTIMIZER_DIR,
-                lr_scheduler_name=LR_SCHEDULER_FILE,
-                files={rng.rng_file_name(0): rng.rng_state_bytes(0), RUNNING_STATES: running_bytes},
-            )
-            return target
-    if use_async and group.size > 1:
-        from ckptio.async_io.distributed_checkpoint_job import submit_distributed_training_checkpoint
-
-        submitted = submit_distributed_training_checkpoint(
-            io,
-            target,
+        parts = CheckpointParts(
             model=model,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
@@ -176,7 +156,7 @@ def save_checkpoint(
             master_files={RUNNING_STATES: running_bytes},
             manifest_extra=_layout_extra(io),
         )
-        if submitted:  # every rank: stage now, write + commit in the background (booster.wait())
+        if submit_in_background(io, target, parts, group.size):  # booster.wait() makes it durable
             return target
 
     def write(writer) -> list:

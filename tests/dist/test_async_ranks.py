@@ -149,3 +149,34 @@ def test_async_training_checkpoint_on_2_ranks_restores_the_state_at_call_time(tm
         assert optim[1] == optim_at_call[1] and optim[0].keys() == optim_at_call[0].keys()
         assert all(torch.equal(optim[0][k], v) for k, v in optim_at_call[0].items())
         assert sched == sched_at_call
+
+
+def test_staging_failure_on_one_rank_raises_from_the_call_on_every_rank(tmp_path):
+    """No rank is left with a background save waiting for a peer whose staging failed."""
+    from ckptio.checkpoint_io import distributed
+
+    def save():
+        rank = torch.distributed.get_rank()
+        booster, model, _ = _boosted("fsdp")
+        if rank == 1:
+
+            def out_of_memory(*args, **kwargs):
+                raise MemoryError("cannot allocate staging buffers (injected)")
+
+            distributed.stage_parts = out_of_memory
+        started = time.monotonic()
+        try:
+            booster.save_model(model, tmp_path / "m", shard=True, use_safetensors=True, use_async=True)
+        except DistributedCheckpointError as exc:
+            raised = str(exc)
+        else:
+            raised = None
+        in_flight = booster.checkpoint_io.async_saver.in_flight
+        booster.wait()  # nothing pending, nothing to raise
+        return raised, in_flight, time.monotonic() - started
+
+    results = run_ranks(lambda ctx: ctx.phase(2, "save", save), 2, tmp_path)
+    for raised, in_flight, seconds in results:
+        assert raised is not None and "rank 1" in raised and "staging buffers" in raised, raised
+        assert not in_flight and seconds < 20
+    assert not (tmp_path / "m").exists()

@@ -20,6 +20,7 @@ from ckptio.checkpoint_io.distributed import DistributedCheckpointIO, model_stat
 from ckptio.checkpoint_io.distributed_tensors import can_stage_parts, stage_parts
 from ckptio.checkpoint_io.hf_config import hf_config_files
 from ckptio.checkpoint_io.model_state import unwrap_model
+from ckptio.planning.collectives import collective_step
 
 
 def submit_distributed_training_checkpoint(io: Any, target: Path, parts: CheckpointParts) -> bool:
@@ -49,7 +50,12 @@ def submit_distributed_training_checkpoint(io: Any, target: Path, parts: Checkpo
         master_files[parts.lr_scheduler_name] = _lr_scheduler_bytes(parts.lr_scheduler)
 
     def stage(staging):
-        return stage_parts(staging, model_state, "model"), stage_parts(staging, flat, "optimizer")
+        # a collective step: one rank failing to copy makes every rank raise now, before any background work
+        return collective_step(
+            io.group,
+            f"staging training checkpoint {target}",
+            lambda: (stage_parts(staging, model_state, "model"), stage_parts(staging, flat, "optimizer")),
+        )
 
     def write(staged) -> None:
         staged_model, staged_flat = staged

@@ -93,8 +93,12 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
         group = self._background_group()
         if group is None:
             return False
+        # Staging is a collective step: if one rank fails to copy, every rank raises now, and no
+        # background thread is left waiting for a peer that never started.
         self.async_saver.submit(
-            lambda staging: stage_parts(staging, state, slot), lambda staged: write(staged, group), what=what
+            lambda staging: collective_step(self.group, f"staging {what}", lambda: stage_parts(staging, state, slot)),
+            lambda staged: write(staged, group),
+            what=what,
         )
         return True
 

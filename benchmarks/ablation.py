@@ -4,7 +4,9 @@
 
 Variants (all durable: fsync per file, commit): the seed writer (buffered stream, one
 write per tensor, one shard after another), then with the current writer and: no early
-writeback, one shard thread, both. Also the raw fsync'd write of the same bytes. The
+writeback, one shard thread, both; and the default with the progress bar shown (as on a
+terminal), to check that the bar costs nothing measurable. Also the raw fsync'd write of the
+same bytes. The
 variants take turns in each repeat; medians are printed and written as JSON.
 """
 
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cases  # noqa: E402
 import run  # noqa: E402
 
+from ckptio import progress  # noqa: E402
 from ckptio.checkpoint_io import model_files  # noqa: E402
 from ckptio.storage import atomic, local  # noqa: E402
 from ckptio.storage.base import FileRecord, HashingStream  # noqa: E402
@@ -48,17 +51,19 @@ class SeedWriter(local.LocalFileWriter):
 
 
 @contextlib.contextmanager
-def variant(seed_writer: bool, early_writeback: bool, threads: int):
-    saved = (atomic.LocalFileWriter, local._sync_file_range, model_files.WRITE_THREADS)
+def variant(seed_writer: bool, early_writeback: bool, threads: int, progress_bar: bool = False):
+    saved = (atomic.LocalFileWriter, local._sync_file_range, model_files.WRITE_THREADS, progress.progress_enabled)
     try:
         if seed_writer:
             atomic.LocalFileWriter = SeedWriter
         if not early_writeback:
             local._sync_file_range = None
         model_files.WRITE_THREADS = threads
+        if progress_bar:  # as on a terminal: the bar's polling thread runs during the save
+            progress.progress_enabled = lambda quiet=False: not quiet
         yield
     finally:
-        atomic.LocalFileWriter, local._sync_file_range, model_files.WRITE_THREADS = saved
+        atomic.LocalFileWriter, local._sync_file_range, model_files.WRITE_THREADS, progress.progress_enabled = saved
 
 
 VARIANTS = {
@@ -66,6 +71,7 @@ VARIANTS = {
     "new writer, early writeback, 1 thread": (False, True, 1),
     "new writer, no early writeback, 2 threads": (False, False, 2),
     "new writer, early writeback, 2 threads (default)": (False, True, model_files.WRITE_THREADS),
+    "default, with the progress bar shown": (False, True, model_files.WRITE_THREADS, True),
 }
 
 

@@ -83,6 +83,11 @@ class CheckpointIO(ABC):
 
         Returns the report of missing / unexpected / mismatched keys (empty when all fit);
         with ``strict=True`` a non-empty report raises instead, before anything is loaded.
+        ``num_threads`` shard files are read at once (one process; several ranks each read
+        only their own boxes). ``low_cpu_mem_mode`` is accepted for ColossalAI's signature:
+        loading always streams shard by shard straight into the live tensors, so extra
+        memory stays below one shard either way. ``verify=True`` checks every checksum of
+        the manifest first.
         """
         if not isinstance(num_threads, int) or num_threads < 1:
             raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
@@ -136,7 +141,11 @@ class CheckpointIO(ABC):
         num_threads: int = 1,
         verify: bool = False,
     ) -> None:
-        """Load optimizer state saved in any supported layout into ``optimizer``."""
+        """Load optimizer state saved in any supported layout into ``optimizer``.
+
+        ``low_cpu_mem_mode`` and ``num_threads`` are accepted for ColossalAI's signature; the
+        state is read shard by shard on one thread. ``verify=True`` checks every checksum first.
+        """
         if not isinstance(num_threads, int) or num_threads < 1:
             raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
         on_local_path(

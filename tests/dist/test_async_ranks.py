@@ -55,17 +55,21 @@ def test_async_save_on_2_ranks_is_the_state_at_call_time(tmp_path, plugin):
             model, folder / "model", shard=True, use_safetensors=True, size_per_shard=0.0002, use_async=True
         )
         in_flight_after_call = booster.checkpoint_io.async_saver.in_flight
+        staged_bytes = booster.checkpoint_io.async_saver.staging.nbytes  # this rank's share of the model
         train(model, optimizer, 2, rank, start=2)  # changes every weight, with collectives, while the save runs
         booster.save_optimizer(optimizer, folder / "optim", shard=True, size_per_shard=0.0003, use_async=True)
         state, groups = full_optimizer_state(optimizer, model)
         optimizer_expected = _plain_names(state), groups
         train(model, optimizer, 1, rank, start=4)
         booster.wait()
-        return expected, optimizer_expected, in_flight_after_call, _plain_names(full_state(model))
+        return expected, optimizer_expected, in_flight_after_call, _plain_names(full_state(model)), staged_bytes
 
     results = run_ranks(lambda ctx: ctx.phase(2, "save", save), 2, tmp_path)
-    model_at_call, optimizer_at_call, _, final = results[0]
+    model_at_call, optimizer_at_call, _, final, _ = results[0]
     assert all(r[2] for r in results), "the call must return before the files are written"
+    # each rank staged only what it contributes (its boxes, or the replicas it writes): together, the model once
+    model_bytes = sum(t.numel() * t.element_size() for t in model_at_call.values())
+    assert sum(r[4] for r in results) == model_bytes and all(0 < r[4] < model_bytes for r in results)
     assert diff_keys(final, model_at_call) != [], "training changed the weights after the call"
 
     model = make_uneven(7)

@@ -17,10 +17,10 @@ from typing import Any
 from ckptio.async_io.checkpoint_job import CheckpointParts, _lr_scheduler_bytes
 from ckptio.checkpoint_io import distributed_optim as doptim
 from ckptio.checkpoint_io.distributed import DistributedCheckpointIO, model_state_to_save
-from ckptio.checkpoint_io.distributed_tensors import can_stage_parts, stage_parts
+from ckptio.checkpoint_io.distributed_state import WriteSpec
+from ckptio.checkpoint_io.distributed_tensors import can_stage_parts
 from ckptio.checkpoint_io.hf_config import hf_config_files
 from ckptio.checkpoint_io.model_state import unwrap_model
-from ckptio.planning.collectives import collective_step
 
 
 def submit_distributed_training_checkpoint(io: Any, target: Path, parts: CheckpointParts) -> bool:
@@ -50,11 +50,10 @@ def submit_distributed_training_checkpoint(io: Any, target: Path, parts: Checkpo
         master_files[parts.lr_scheduler_name] = _lr_scheduler_bytes(parts.lr_scheduler)
 
     def stage(staging):
-        # a collective step: one rank failing to copy makes every rank raise now, before any background work
-        return collective_step(
-            io.group,
-            f"staging training checkpoint {target}",
-            lambda: (stage_parts(staging, model_state, "model"), stage_parts(staging, flat, "optimizer")),
+        what = f"training checkpoint {target}"
+        return (
+            io._stage_own_parts(staging, model_state, WriteSpec.for_model(model_opts), "model", what),
+            io._stage_own_parts(staging, flat, doptim.optimizer_write_spec(optim_opts), "optimizer", what),
         )
 
     def write(staged) -> None:

@@ -21,7 +21,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ckptio.checkpoint_io import distributed_optim as doptim
-from ckptio.checkpoint_io.distributed_state import WriteSpec, load_state, save_state, state_aliases, write_state
+from ckptio.checkpoint_io.distributed_state import (
+    WriteSpec,
+    load_state,
+    save_state,
+    state_aliases,
+    write_state,
+    writer_of_each_key,
+)
 from ckptio.checkpoint_io.distributed_tensors import can_stage_parts, stage_parts
 from ckptio.checkpoint_io.general import GeneralCheckpointIO
 from ckptio.checkpoint_io.hf_config import hf_config_files
@@ -82,7 +89,7 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
             self._background = Group(dist.new_group(backend="gloo"))
         return self._background
 
-    def _submit_background(self, state: dict[str, torch.Tensor], slot: str, what: str, write) -> bool:
+    def _submit_background(self, state: dict[str, torch.Tensor], spec: WriteSpec, slot: str, what: str, write) -> bool:
         """Stage this rank's parts of ``state`` and run ``write(staged, group)`` in the background.
 
         Returns False (nothing done) when the state cannot be staged without collectives; every
@@ -93,14 +100,21 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
         group = self._background_group()
         if group is None:
             return False
-        # Staging is a collective step: if one rank fails to copy, every rank raises now, and no
-        # background thread is left waiting for a peer that never started.
         self.async_saver.submit(
-            lambda staging: collective_step(self.group, f"staging {what}", lambda: stage_parts(staging, state, slot)),
+            lambda staging: self._stage_own_parts(staging, state, spec, slot, what),
             lambda staged: write(staged, group),
             what=what,
         )
         return True
+
+    def _stage_own_parts(self, staging, state: dict[str, torch.Tensor], spec: WriteSpec, slot: str, what: str):
+        """What this rank contributes to the save of ``state`` (see :func:`stage_parts`), as a
+        collective step: if one rank fails to copy, every rank raises now, and no background
+        thread is left waiting for a peer that never started."""
+        writer_of = writer_of_each_key(state, spec, self.group.size)
+        return collective_step(
+            self.group, f"staging {what}", lambda: stage_parts(staging, state, slot, writer_of, self.group.rank)
+        )
 
     def _manifest_extra(self) -> dict[str, Any] | None:
         return {"layout": self.layout} if self.layout else None
@@ -126,7 +140,7 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
             )
 
         state = model_state_to_save(model)
-        if use_async and self._submit_background(state, "model", f"model to {checkpoint}", write):
+        if use_async and self._submit_background(state, spec, "model", f"model to {checkpoint}", write):
             return
         write(state, self.group)
 
@@ -157,7 +171,9 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
                 manifest_extra=self._manifest_extra(),
             )
 
-        if use_async and self._submit_background(flat, "optimizer", f"optimizer to {checkpoint}", write):
+        if use_async and self._submit_background(
+            flat, doptim.optimizer_write_spec(opts), "optimizer", f"optimizer to {checkpoint}", write
+        ):
             return
         write(flat, self.group)
 

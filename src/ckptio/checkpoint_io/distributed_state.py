@@ -113,15 +113,26 @@ def write_state(
     state = {k: without_partial(v) for k, v in state.items()}
     described = collective_step(group, "describing the state to save", lambda: _describe(state), gather=True)
     _check_same_keys(described)
-    sizes = [(k, torch.Size(shape).numel() * _dtype(dt).itemsize) for k, dt, shape in described[0].keys]
-    plan = plan_owned_files(
-        sizes, group.size, weights_name=spec.weights_name, max_shard_bytes=spec.max_shard_bytes, shard=spec.shard
-    )
+    plan = _plan(described[0].keys, spec, group.size)
     regions = {k: [d.regions[i] for d in described] for i, (k, _, _) in enumerate(described[0].keys)}
     prefix = f"{subdir}/" if subdir else ""
     records, error = _write_files(state, plan, regions, writer, spec, group, prefix, single_file_name)
     report_errors(group, f"writing {spec.weights_name} files", error)
     return plan, records
+
+
+def _plan(keys, spec: WriteSpec, world_size: int) -> OwnedFilePlan:
+    sizes = [(k, torch.Size(shape).numel() * _dtype(dt).itemsize) for k, dt, shape in keys]
+    return plan_owned_files(
+        sizes, world_size, weights_name=spec.weights_name, max_shard_bytes=spec.max_shard_bytes, shard=spec.shard
+    )
+
+
+def writer_of_each_key(state: dict[str, torch.Tensor], spec: WriteSpec, world_size: int) -> dict[str, int]:
+    """The rank that will write each key, as :func:`write_state` will plan it: computed locally
+    from full shapes, so a background save can stage on each rank only what it needs."""
+    plan = _plan(_describe(state).keys, spec, world_size)
+    return {key: owner for (_, keys), owner in zip(plan.files, plan.owners) for key in keys}
 
 
 MetadataWriter = Callable[[FileWriter, OwnedFilePlan], list[FileRecord]]

@@ -124,12 +124,25 @@ def can_stage_parts(state: dict[str, torch.Tensor]) -> bool:
     )
 
 
-def stage_parts(staging, state: dict[str, torch.Tensor], slot: str) -> dict[str, torch.Tensor | StagedPart]:
-    """Host copies of this rank's parts of ``state`` (reused buffers); local work only, no collective."""
-    locals_ = {k: (t.to_local() if is_dtensor(t) else t) for k, t in state.items()}
-    staged = staging.stage_tree(locals_, slot)
+def stage_parts(
+    staging, state: dict[str, torch.Tensor], slot: str, writer_of: dict[str, int], rank: int
+) -> dict[str, StagedPart]:
+    """Host copies of what this rank must contribute to a save of ``state`` (reused buffers).
+
+    A whole replica (a plain tensor under DDP, a replicated DTensor) is needed only by the rank
+    that writes it (``writer_of``), so other ranks stage an empty placeholder: host memory and
+    copy time are about 1/N of the state each. A sharded DTensor's box is always staged, since
+    its writer gathers it. Local work only, no collective.
+    """
+    regions = {k: local_region(t) for k, t in state.items()}
+    needed = {
+        k: (t.to_local() if is_dtensor(t) else t)
+        for k, t in state.items()
+        if writer_of[k] == rank or regions[k].shape != tuple(t.shape)
+    }
+    staged = staging.stage_tree(needed, slot)
     return {
-        k: StagedPart(staged[k], t.shape, t.dtype, local_region(t)) if is_dtensor(t) else staged[k]
+        k: StagedPart(staged[k] if k in staged else torch.empty(0, dtype=t.dtype), t.shape, t.dtype, regions[k])
         for k, t in state.items()
     }
 

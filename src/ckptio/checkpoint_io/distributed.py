@@ -65,7 +65,8 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
     """Saves from and loads into every rank of ``group`` (the default group when None).
 
     ``use_async=True`` (``save_model``; ``save_optimizer`` with ``shard=True`` in ckptio's
-    layout): each rank copies only its own parts into host staging buffers and returns; a
+    layout; ``save_checkpoint``): each rank copies what it contributes (its shards, and the
+    replicated tensors it writes) into host staging buffers and returns; a
     background thread on every rank then runs the usual collective save over a process group
     of its own (gloo, created at the first async save), so its collectives never interleave
     with training's. Layouts that would need collectives on the mesh to stage (``Partial``

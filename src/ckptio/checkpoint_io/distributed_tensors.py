@@ -104,10 +104,12 @@ def without_partial(t):
 
 @dataclass(frozen=True)
 class StagedPart:
-    """This rank's box of a sharded tensor, copied to host memory for a background save.
+    """What this rank holds of one tensor, copied to host memory for a background save: its
+    box of a sharded DTensor, a whole replica it will write, or (a replica another rank
+    writes) an empty placeholder.
 
-    It stands in for the DTensor in the write path (same ``shape``, ``dtype`` and region), so
-    the background thread never touches the live DTensor or its mesh's process group.
+    It stands in for the live tensor in the write path (same ``shape``, ``dtype`` and region),
+    so the background thread never touches the live tensor or its mesh's process group.
     """
 
     local: torch.Tensor

@@ -32,6 +32,13 @@ from ckptio.checkpoint_io.model_files import (
     write_model_metadata,
     write_weights_file,
 )
+from ckptio.checks import (
+    is_training_checkpoint,
+    locate_sharded_optimizer,
+    optimizer_files,
+    training_checkpoints_in,
+    verify_path,
+)
 from ckptio.errors import CheckpointError
 from ckptio.formats import naming, safetensors_format
 from ckptio.formats.dtypes import element_size
@@ -39,7 +46,6 @@ from ckptio.progress import Progress
 from ckptio.storage import atomic
 from ckptio.storage.location import is_url
 from ckptio.storage.manifest import read_manifest
-from ckptio.storage.verify import file_checksum
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 SINGLE_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -221,39 +227,11 @@ def _print_inspect(s: dict) -> None:
         _print_table(rows, ["tensor", "dtype", "shape", "file"])
 
 
-def _locate_optimizer(path: str):
-    """The located optimizer checkpoint when ``path`` is a sharded one (ckptio or ColossalAI layout), else None.
-
-    A single ``.bin`` is read as model weights; ``ckptio verify``/``inspect`` of a single
-    optimizer file therefore reports it as a model file that is not a flat tensor dict.
-    """
-    try:
-        from ckptio.checkpoint_io.optimizer_files import locate_optimizer
-    except ImportError:  # pragma: no cover - optimizer support absent
-        return None
-    try:
-        located = locate_optimizer(path)
-    except CheckpointError:
-        return None
-    return located if located.layout != "torch" else None
-
-
-def _optimizer_files(located) -> list[str]:
-    from ckptio.formats.hf_index import read_index
-
-    index = read_index(located.path)
-    files = [located.path.name, *index.shard_files]
-    group_file = index.metadata.get("param_groups")
-    if isinstance(group_file, str):
-        files.append(group_file)
-    return files
-
-
 def _inspect_optimizer(path: str, located) -> dict:
     from ckptio.formats.hf_index import read_index
 
     folder = located.path.parent
-    files = _optimizer_files(located)
+    files = optimizer_files(located)
     return {
         "path": path,
         "kind": "optimizer",
@@ -306,21 +284,91 @@ def inspect(path: str, tensors: bool, as_json: bool, quiet: bool) -> None:
     Only file headers are read, never the tensor data (a .bin file is memory-mapped).
     """
     with _local(path, quiet=quiet) as local:
-        located = _locate_optimizer(local)
+        if is_training_checkpoint(local):
+            _inspect_training(path, Path(local), tensors, as_json)
+            return
+        runs = training_checkpoints_in(local)
+        if runs:
+            _inspect_save_dir(path, runs, as_json)
+            return
+        located = locate_sharded_optimizer(local)
         if located is not None:
             opt = _inspect_optimizer(path, located)
             click.echo(json.dumps(opt, indent=1) if as_json else _optimizer_text(opt))
             return
-        view = _open_model(local)
-        try:
-            summary = _inspect_summary(view, tensors)
-        finally:
-            view.close()
-    summary["path"] = path
+        summary = _model_summary(path, local, tensors)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
         _print_inspect(summary)
+
+
+def _model_summary(path: str, local: str | Path, tensors: bool) -> dict:
+    view = _open_model(str(local))
+    try:
+        summary = _inspect_summary(view, tensors)
+    finally:
+        view.close()
+    summary["path"] = path
+    return summary
+
+
+def _running_states(folder: Path) -> dict:
+    from ckptio.training.checkpoint import RUNNING_STATES, load_json
+
+    return load_json(folder / RUNNING_STATES)
+
+
+def _inspect_training(path: str, folder: Path, tensors: bool, as_json: bool) -> None:
+    """A training checkpoint: where the run was, then its model and optimizer parts."""
+    from ckptio.training.checkpoint import MODEL_DIR, OPTIMIZER_DIR
+
+    running = _running_states(folder)
+    model = _model_summary(f"{path}/{MODEL_DIR}", folder / MODEL_DIR, tensors)
+    located = locate_sharded_optimizer(folder / OPTIMIZER_DIR) if (folder / OPTIMIZER_DIR).is_dir() else None
+    optimizer = _inspect_optimizer(f"{path}/{OPTIMIZER_DIR}", located) if located is not None else None
+    covered = read_manifest(folder) is not None  # one manifest for the whole checkpoint, subfolders included
+    for part in (model, optimizer):
+        if part is not None:
+            part["ckptio_manifest"] = covered
+    if as_json:
+        report = {"path": path, "kind": "training", "running_states": running, "model": model, "optimizer": optimizer}
+        click.echo(json.dumps(report, indent=1))
+        return
+    click.echo(f"checkpoint   {path}")
+    click.echo(
+        f"training     epoch {running.get('epoch')}, step {running.get('step')}, "
+        f"sample_start_index {running.get('sample_start_index')}, saved on {running.get('world_size', 1)} rank(s)"
+    )
+    click.echo("")
+    _print_inspect(model)
+    if optimizer is not None:
+        click.echo("")
+        click.echo(_optimizer_text(optimizer))
+
+
+def _inspect_save_dir(path: str, runs: list[Path], as_json: bool) -> None:
+    """A run's folder of training checkpoints (what CheckpointManager keeps), oldest first."""
+    rows = []
+    for folder in runs:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        try:
+            running = _running_states(folder)
+            where = f"epoch {running.get('epoch')}, step {running.get('step')}"
+        except CheckpointError:
+            where = "incomplete (no readable running_states.json)"
+        rows.append(
+            {"name": folder.name, "state": where, "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+        )
+    if as_json:
+        click.echo(json.dumps({"path": path, "kind": "training runs", "checkpoints": rows}, indent=1))
+        return
+    click.echo(f"folder       {path}: {len(rows)} training checkpoint(s)")
+    click.echo("")
+    _print_table(
+        [[r["name"], r["state"], str(r["files"]), _human(r["bytes"])] for r in rows],
+        ["checkpoint", "state", "files", "size"],
+    )
 
 
 def _optimizer_text(s: dict) -> str:
@@ -339,104 +387,6 @@ def _optimizer_text(s: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- verify
-def _verify_manifest(folder: Path, checksums: bool, ok: list[str], problems: list[str]) -> None:
-    try:
-        manifest = read_manifest(folder)
-    except CheckpointError as exc:
-        manifest = None
-        problems.append(str(exc))
-    if manifest is not None:
-        for name, record in sorted(manifest.files.items()):
-            path = folder / name
-            if not path.is_file():
-                problems.append(f"{name}: listed in the manifest but missing")
-                continue
-            size = path.stat().st_size
-            if size != record.size:
-                problems.append(f"{name}: size {size} bytes, manifest says {record.size} (truncated or replaced)")
-            elif checksums and file_checksum(path) != record.checksum:
-                problems.append(f"{name}: xxh3-128 checksum differs from the manifest (bytes are corrupt)")
-            else:
-                ok.append(f"{name}: size{' and checksum' if checksums else ''} match the manifest")
-    else:
-        ok.append("no ckptio manifest (written by another tool): checking headers and index only")
-
-
-def _verify_optimizer(located, checksums: bool) -> tuple[list[str], list[str]]:
-    from ckptio.checkpoint_io.optimizer_files import read_saved_optimizer
-
-    ok: list[str] = []
-    problems: list[str] = []
-    _verify_manifest(located.path.parent, checksums, ok, problems)
-    try:
-        _, reader = read_saved_optimizer(located)  # parses index, groups and (ColossalAI) every shard
-    except CheckpointError as exc:
-        problems.append(str(exc))
-        return ok, problems
-    if reader is None:
-        ok.append(f"{located.path.name}: {located.layout} layout readable, every index entry in its shard")
-        return ok, problems
-    try:
-        by_file: dict[str, list[str]] = {}
-        for key, name in reader.weight_map.items():
-            by_file.setdefault(name, []).append(key)
-        for name, keys in by_file.items():
-            try:
-                with safetensors_format.SafetensorsReader.open(located.path.parent / name) as st:
-                    absent = [k for k in keys if k not in st.tensors]
-            except CheckpointError as exc:
-                problems.append(f"{name}: {exc}")
-                continue
-            if absent:
-                problems.append(f"{name}: {len(absent)} index entries not in this shard, e.g. {absent[:3]}")
-            else:
-                ok.append(f"{name}: header readable, all {len(keys)} index entries present")
-    finally:
-        reader.close()
-    return ok, problems
-
-
-def _verify(local: str, checksums: bool) -> tuple[list[str], list[str]]:
-    """(passed checks, problems) for a model checkpoint."""
-    ok: list[str] = []
-    problems: list[str] = []
-    located = _locate_optimizer(local)
-    if located is not None:
-        return _verify_optimizer(located, checksums)
-    try:
-        ck = locate_model(local)
-    except CheckpointError as exc:
-        return ok, [str(exc)]
-    _verify_manifest(ck.folder, checksums, ok, problems)
-    held: dict[str, set[str]] = {}
-    for name in ck.files:
-        path = ck.folder / name
-        if not path.is_file():
-            problems.append(f"{name}: named by the index but missing")
-            continue
-        try:
-            weights = WeightsFile(path)
-            try:
-                held[name] = set(weights.shapes())
-            finally:
-                weights.close()
-            ok.append(f"{name}: header readable, {len(held[name])} tensors")
-        except CheckpointError as exc:
-            problems.append(f"{name}: {exc}")
-    if ck.index is not None:
-        index_name = Path(ck.index.path).name
-        missing = [k for k, f in ck.index.weight_map.items() if f in held and k not in held[f]]
-        if missing:
-            problems.append(f"{index_name}: {len(missing)} index entries not in their shard, e.g. {missing[:3]}")
-        listed = set(ck.index.weight_map)
-        extra = sorted(k for keys in held.values() for k in keys if k not in listed)
-        if extra:
-            problems.append(f"{index_name}: {len(extra)} tensors in shards but not in the index, e.g. {extra[:3]}")
-        if not missing and not extra:
-            ok.append(f"{index_name}: all {len(listed)} entries present in their shards")
-    return ok, problems
-
-
 @main.command()
 @click.argument("path")
 @click.option("--no-checksums", is_flag=True, help="Check sizes only (fast); skip re-hashing every byte.")
@@ -449,7 +399,7 @@ def verify(path: str, no_checksums: bool, as_json: bool, quiet: bool) -> None:
     Exit code 0 only when everything is fine, 1 when a problem was found.
     """
     with _local(path, quiet=quiet) as local:
-        ok, problems = _verify(local, checksums=not no_checksums)
+        ok, problems = verify_path(local, checksums=not no_checksums)
     if as_json:
         click.echo(json.dumps({"path": path, "ok": not problems, "checks": ok, "problems": problems}, indent=1))
     else:

@@ -254,6 +254,54 @@ def test_optimizer_inspect_and_verify(tmp_path, layout):
     assert code == 1 and "checksum differs" in text
 
 
+def _training_run(folder, steps=(5, 10)):
+    from ckptio import CheckpointManager
+
+    model = make_model(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2)
+    booster = Booster()
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
+    manager = CheckpointManager(folder, booster, keep_last=None)
+    for step in steps:
+        manager.save(model, optimizer, scheduler, 0, step, 4)
+    return model
+
+
+def test_training_checkpoint_inspect_and_verify(tmp_path):
+    """A training checkpoint and a run's folder of them are checked whole: every file of every
+    part against the one manifest, then each part parsed as loading would."""
+    model = _training_run(tmp_path / "run")
+    ckpt = tmp_path / "run" / "epoch-0_step-10"
+    code, text = cli("inspect", ckpt, "--json")
+    info = json.loads(text)
+    assert code == 0 and info["kind"] == "training"
+    assert info["running_states"]["step"] == 10 and info["running_states"]["sample_start_index"] == 40
+    assert info["model"]["tensor_count"] == len(model.state_dict()) and info["model"]["ckptio_manifest"]
+    assert info["optimizer"]["layout"] == "ckptio"
+    code, text = cli("inspect", tmp_path / "run")
+    assert code == 0 and "2 training checkpoint(s)" in text and "epoch 0, step 10" in text
+    code, text = cli("verify", ckpt)
+    assert code == 0 and text.rstrip().endswith("OK"), text
+    assert "optimizer/optimizer.index.json: size and checksum match" in text and "lr_scheduler: readable" in text
+    code, text = cli("verify", tmp_path / "run", "-q")
+    assert code == 0 and text.strip() == f"{tmp_path / 'run'}: OK", text
+
+    (tmp_path / "run" / ".epoch-0_step-15.ckptio-tmp-0123456789ab").mkdir()  # a crashed save: not a failure
+    shard = next((ckpt / "optimizer").glob("optimizer-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (tmp_path / "run" / "epoch-0_step-5" / "running_states.json").write_text('{"epoch": 0}')
+    code, text = cli("verify", tmp_path / "run")
+    assert code == 1, text
+    assert "FAIL  epoch-0_step-10/optimizer/optimizer-00001-of-00001.safetensors: xxh3-128 checksum differs" in text
+    assert "FAIL  epoch-0_step-5/running_states.json: step, sample_start_index missing or not an integer" in text
+    assert "1 unfinished save(s) left by a crash, ignored" in text
+
+
 def test_progress_only_on_a_master_terminal(monkeypatch):
     from ckptio import progress
 

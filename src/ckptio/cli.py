@@ -252,8 +252,14 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except CheckpointError as exc:
             raise BadInput(str(exc)) from exc
+        except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (nothing more may reach the closed pipe)
+            ctx.exit(0)
         except OSError as exc:
-            raise BadInput(f"{exc.filename or ''}: {exc.strerror or exc}") from exc
+            if exc.filename is None:
+                raise BadInput(str(exc.strerror or exc)) from exc
+            raise BadInput(f"{exc.filename}: {exc.strerror or exc}") from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

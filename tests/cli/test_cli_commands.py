@@ -302,6 +302,18 @@ def test_training_checkpoint_inspect_and_verify(tmp_path):
     assert "1 unfinished save(s) left by a crash, ignored" in text
 
 
+def test_training_checkpoint_model_loads_converts_and_diffs(tmp_path):
+    """The model part of a training checkpoint is found from the checkpoint folder itself."""
+    model = _training_run(tmp_path / "run")
+    ckpt = tmp_path / "run" / "epoch-0_step-10"
+    assert_state_equal(loaded(ckpt), state(model))  # Booster.load_model(model, "epoch-E_step-S")
+    code, text = cli("convert", ckpt, tmp_path / "exported.safetensors")
+    assert code == 0, text
+    assert_state_equal(loaded(tmp_path / "exported.safetensors"), state(model))
+    code, text = cli("diff", tmp_path / "run" / "epoch-0_step-5", ckpt)
+    assert code == 0 and text.rstrip().endswith("EQUAL"), text
+
+
 def test_progress_only_on_a_master_terminal(monkeypatch):
     from ckptio import progress
 

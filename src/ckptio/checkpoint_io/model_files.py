@@ -240,6 +240,8 @@ def locate_model(checkpoint: str | os.PathLike) -> ModelCheckpoint:
         for single in (naming.SAFETENSORS_WEIGHTS, naming.BIN_WEIGHTS):
             if single in entries:
                 return ModelCheckpoint(path, (single,), None)
+        if naming.RUNNING_STATES in entries and naming.TRAINING_MODEL_DIR in entries:
+            return locate_model(path / naming.TRAINING_MODEL_DIR)  # a training checkpoint: its model part
         raise CheckpointNotFoundError(
             "no model checkpoint in this folder: expected an index JSON "
             f"({naming.SAFETENSORS_INDEX} or {naming.BIN_INDEX}), {naming.SAFETENSORS_WEIGHTS} "

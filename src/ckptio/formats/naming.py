@@ -16,6 +16,11 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 HF_CONFIG = "config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
 MANIFEST = "ckptio_manifest.json"
+# a training checkpoint, ColossalChat's layout: epoch-E_step-S/ with these inside
+TRAINING_MODEL_DIR = "modeling"
+TRAINING_OPTIMIZER_DIR = "optimizer"
+TRAINING_LR_SCHEDULER = "lr_scheduler"
+RUNNING_STATES = "running_states.json"
 
 # Temporaries are hidden siblings: `.NAME.ckptio-tmp-TOKEN` (being written) and
 # `.NAME.ckptio-old-TOKEN` (a replaced checkpoint, deleted right after the commit).

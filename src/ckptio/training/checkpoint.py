@@ -34,6 +34,7 @@ from ckptio.checkpoint_io.optimizer_files import OptimizerSaveOptions
 from ckptio.checkpoint_io.optimizer_state import register_model
 from ckptio.cluster import DistCoordinator
 from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError
+from ckptio.formats import naming
 from ckptio.formats.hf_index import read_json_file
 from ckptio.planning.collectives import Group, collective_step
 from ckptio.storage import atomic
@@ -44,10 +45,10 @@ from ckptio.training import rng
 
 FORMAT = "ckptio-training"
 FORMAT_VERSION = 1
-MODEL_DIR = "modeling"
-OPTIMIZER_DIR = "optimizer"
-LR_SCHEDULER_FILE = "lr_scheduler"
-RUNNING_STATES = "running_states.json"
+MODEL_DIR = naming.TRAINING_MODEL_DIR
+OPTIMIZER_DIR = naming.TRAINING_OPTIMIZER_DIR
+LR_SCHEDULER_FILE = naming.TRAINING_LR_SCHEDULER
+RUNNING_STATES = naming.RUNNING_STATES
 
 
 def checkpoint_name(epoch: int, step: int) -> str:

@@ -124,7 +124,8 @@ def worker(rank: int, world_size: int, args: argparse.Namespace) -> int:
             log.flush()
             if args.phase == "first" and global_step % args.save_every == 0:
                 t0 = time.perf_counter()
-                manager.save(model, optimizer, scheduler, epoch, step, args.batch_size)  # then rotates
+                # then rotates; with --use-async it returns after staging and the write overlaps training
+                manager.save(model, optimizer, scheduler, epoch, step, args.batch_size, use_async=args.use_async)
                 stats["save_s"].append(time.perf_counter() - t0)
                 if rank == 0:
                     (out / "stats.json").write_text(json.dumps(stats))
@@ -209,6 +210,7 @@ def run_phase(args: argparse.Namespace, phase: str) -> tuple[int, float]:
         "plugin",
     ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    cmd += ["--use-async"] if args.use_async else []
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, check=False).returncode
     return rc, time.perf_counter() - t0
@@ -244,7 +246,8 @@ def compare(args: argparse.Namespace) -> int:
     print(f"uninterrupted run : {len(straight)} steps")
     print(
         f"interrupted run   : died after step {max(first)} (exit code {INTERRUPTED_EXIT_CODE}); "
-        f"{len(saves)} checkpoints saved, {sum(saves) / len(saves):.3f} s each on average"
+        f"{len(saves)} checkpoints saved{' (use_async=True)' if args.use_async else ''}, "
+        f"the call took {sum(saves) / len(saves):.3f} s on average"
     )
     kept = [p.name for p in CheckpointManager(work / "checkpoints", None).checkpoints()]
     print(f"checkpoint        : {ckpt.name} ({n_files} files, {n_bytes / 1024:.1f} KiB)")
@@ -309,6 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--save-every", type=int, default=5)
     parser.add_argument("--keep-last", type=int, default=2, help="checkpoints the manager keeps")
+    parser.add_argument("--use-async", action="store_true", help="checkpoint with use_async=True (overlaps training)")
     parser.add_argument("--interrupt-at", type=int, default=22, help="global step after which the run dies")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -32,3 +32,18 @@ def test_demo_resumes_bit_exactly(tmp_path):
     assert "losses            : 16/16 bit-identical" in result.stdout
     assert "RESULT: resumed run matches the uninterrupted run exactly" in result.stdout
     assert (tmp_path / "checkpoints" / "epoch-1_step-1" / "running_states.json").is_file()
+
+
+def test_demo_on_2_fsdp_ranks_with_async_saves_resumes_bit_exactly(tmp_path):
+    """The default 2-rank FSDP2 job with use_async=True: the save in flight when the run dies is
+    never used, the resume takes the newest committed one, and the result is still exact."""
+    args = ["--epochs", "2", "--samples", "64", "--batch-size", "8", "--save-every", "3", "--interrupt-at", "11"]
+    result = subprocess.run(
+        [sys.executable, str(DEMO), "--workdir", str(tmp_path), "--use-async", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(use_async=True)" in result.stdout
+    assert "RESULT: resumed run matches the uninterrupted run exactly" in result.stdout

@@ -20,14 +20,20 @@ def single_process_flags() -> list[str]:
     return ["--nproc", "1", "--plugin", "none"] if "nproc" in defaults else []
 
 
-def test_demo_resumes_bit_exactly(tmp_path):
-    args = ["--epochs", "2", "--samples", "64", "--batch-size", "8", "--save-every", "3", "--interrupt-at", "11"]
-    result = subprocess.run(
-        [sys.executable, str(DEMO), "--workdir", str(tmp_path), *args, *single_process_flags()],
+SMALL = ["--epochs", "2", "--samples", "64", "--batch-size", "8", "--save-every", "3", "--interrupt-at", "11"]
+
+
+def run_demo(workdir: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(DEMO), "--workdir", str(workdir), *SMALL, *flags],
         capture_output=True,
         text=True,
         timeout=180,
     )
+
+
+def test_demo_resumes_bit_exactly(tmp_path):
+    result = run_demo(tmp_path, *single_process_flags())
     assert result.returncode == 0, result.stdout + result.stderr
     assert "losses            : 16/16 bit-identical" in result.stdout
     assert "RESULT: resumed run matches the uninterrupted run exactly" in result.stdout
@@ -37,13 +43,7 @@ def test_demo_resumes_bit_exactly(tmp_path):
 def test_demo_on_2_fsdp_ranks_with_async_saves_resumes_bit_exactly(tmp_path):
     """The default 2-rank FSDP2 job with use_async=True: the save in flight when the run dies is
     never used, the resume takes the newest committed one, and the result is still exact."""
-    args = ["--epochs", "2", "--samples", "64", "--batch-size", "8", "--save-every", "3", "--interrupt-at", "11"]
-    result = subprocess.run(
-        [sys.executable, str(DEMO), "--workdir", str(tmp_path), "--use-async", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = run_demo(tmp_path, "--use-async")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(use_async=True)" in result.stdout
     assert "RESULT: resumed run matches the uninterrupted run exactly" in result.stdout

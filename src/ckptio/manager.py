@@ -22,9 +22,9 @@ from typing import Any
 from torch import nn
 
 from ckptio.cluster import DistCoordinator
-from ckptio.errors import CheckpointError
+from ckptio.errors import CheckpointError, CheckpointFormatError
 from ckptio.formats.naming import OLD_MARK, TMP_MARK
-from ckptio.planning.collectives import Group
+from ckptio.planning.collectives import Group, collective_step
 from ckptio.storage import atomic
 from ckptio.storage.location import is_url
 from ckptio.storage.manifest import read_manifest
@@ -175,15 +175,22 @@ class CheckpointManager:
         return [e.path for e in sorted(self._entries()) if self._problem(e.path) is None]
 
     @staticmethod
-    def _problem(path: Path) -> str | None:
+    def _check(path: Path, *, checksums: bool = False) -> None:
+        """Raise ``CheckpointError`` naming the file when ``path`` is not a complete checkpoint:
+        ``running_states.json`` readable with epoch and step, every manifest file at its size
+        (and, with ``checksums``, with its bytes)."""
+        running = load_json(path / RUNNING_STATES)
+        if not all(k in running for k in ("epoch", "step")):
+            raise CheckpointFormatError("lacks epoch/step", path=path / RUNNING_STATES)
+        manifest = read_manifest(path)
+        if manifest is not None:
+            check_against_manifest(path, list(manifest.files), checksums=checksums)
+
+    @classmethod
+    def _problem(cls, path: Path) -> str | None:
         """Why ``path`` is not a complete checkpoint, or None when it is (sizes only, no re-hashing)."""
         try:
-            running = load_json(path / RUNNING_STATES)
-            if not isinstance(running, dict) or not all(k in running for k in ("epoch", "step")):
-                return f"{RUNNING_STATES} lacks epoch/step"
-            manifest = read_manifest(path)
-            if manifest is not None:
-                check_against_manifest(path, list(manifest.files), checksums=False)
+            cls._check(path)
         except CheckpointError as exc:
             return str(exc)
         except OSError as exc:
@@ -208,23 +215,31 @@ class CheckpointManager:
         """Load the newest good checkpoint; ``(epoch, step, sample_start_index)``, or None if there is none.
 
         ``kwargs`` go to :func:`ckptio.training.load_checkpoint` (``sampler``, ``strict``,
-        ``verify``, ``restore_rng``). In one process, a checkpoint that fails to load (say a
-        checksum mismatch with ``verify=True``) is skipped with a warning for the next older
-        one; the load of the older one overwrites whatever the failed attempt touched.
+        ``verify``, ``restore_rng``). A checkpoint whose files are incomplete or (with
+        ``verify=True``) corrupt is skipped with a warning for the next older one; on several
+        ranks that check is one collective step, so every rank skips the same ones. In one
+        process, a checkpoint that then fails to load is skipped too (the older one's load
+        overwrites whatever the failed attempt touched); on several ranks that raises, since
+        the ranks might have failed at different points.
         """
         if self._group.rank == 0:
             self._remove_leftovers()  # a checkpoint left renamed aside by a crash is put back first
-        self._group.barrier()
-        candidates = [e.path for e in sorted(self._entries(), reverse=True)]
-        for path in candidates:
-            problem = self._problem(path)
-            if problem is not None:
-                warnings.warn(f"skipping incomplete or damaged checkpoint {path}: {problem}", stacklevel=2)
+        newest_first = [str(e.path) for e in sorted(self._entries(), reverse=True)] if self._group.rank == 0 else None
+        candidates = self._group.broadcast_object(newest_first, what="agreeing on the checkpoints to resume from")
+        checksums = bool(kwargs.get("verify"))
+        for name in candidates:
+            path = Path(name)
+            try:
+                collective_step(
+                    self._group, f"checking {path}", lambda path=path: self._check(path, checksums=checksums)
+                )
+            except (CheckpointError, OSError) as exc:
+                warnings.warn(f"skipping incomplete or damaged checkpoint {path}: {exc}", stacklevel=2)
                 continue
+            if self._group.size > 1:
+                return load_checkpoint(path, self.booster, model, optimizer, lr_scheduler, **kwargs)
             try:
                 return load_checkpoint(path, self.booster, model, optimizer, lr_scheduler, **kwargs)
             except CheckpointError as exc:
-                if self._group.size > 1:
-                    raise  # ranks would disagree on which checkpoint to fall back to
                 warnings.warn(f"could not load {path}, trying an older checkpoint: {exc}", stacklevel=2)
         return None

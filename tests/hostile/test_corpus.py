@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ckptio import Booster, CheckpointError
-from ckptio.training import load_checkpoint, save_checkpoint
+from ckptio.training import StatefulDistributedSampler, load_checkpoint, save_checkpoint
 from tests.helpers import MLPWithBuffers, randomize
 
 
@@ -68,11 +68,16 @@ def sharded_optimizer(root: Path) -> Path:
     return root / "optim"
 
 
+def _sampler():
+    dataset = torch.utils.data.TensorDataset(torch.arange(40))
+    return StatefulDistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=3)
+
+
 def training_checkpoint(root: Path) -> Path:
     model, optimizer, scheduler = _trained()
     booster = Booster()
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
-    return Path(save_checkpoint(root, booster, model, optimizer, scheduler, 1, 4, 8, None))
+    return Path(save_checkpoint(root, booster, model, optimizer, scheduler, 1, 4, 8, None, sampler=_sampler()))
 
 
 def shards(folder: Path, suffix: str = ".safetensors") -> list[Path]:
@@ -123,7 +128,12 @@ def load_training(path: Path, **kwargs) -> None:
     model, optimizer, scheduler = _trained()
     booster = Booster()
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
-    load_checkpoint(path, booster, model, optimizer, scheduler, **kwargs)
+    load_checkpoint(path, booster, model, optimizer, scheduler, sampler=_sampler(), **kwargs)
+
+
+def load_scheduler_of_another_kind(path: Path) -> None:
+    _, optimizer, _ = _trained()
+    Booster().load_lr_scheduler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10), path)
 
 
 # ----------------------------------------------------------------------------- damage
@@ -263,6 +273,13 @@ def _scheduler_with_code(root, marker):
     return path, path.name
 
 
+def _step_lr_file(root):
+    _, _, scheduler = _trained()
+    path = root / "lr_scheduler"
+    Booster().save_lr_scheduler(scheduler, path)
+    return path, path.name
+
+
 def _scheduler_bad_json(root, marker):
     path = root / "lr_scheduler"
     path.write_text('{"step_size": 2, "last_epoch": ')
@@ -314,9 +331,11 @@ def _optimizer_index_damage(change):
     return make
 
 
-def _training_damage(relative, damage):
+def _training_damage(relative, damage, *, manifest: bool = True):
     def make(root, marker):
         folder = training_checkpoint(root)
+        if not manifest:
+            drop_manifest(folder)  # the file's own parser must catch it
         damage(folder / relative)
         return folder, Path(relative).name
 
@@ -484,6 +503,29 @@ CORPUS = [
         {"verify": True},
     ),
     Case("training-scheduler-malformed", _training_damage("lr_scheduler", lambda p: p.write_text("{")), load_training),
+    Case(
+        "training-scheduler-not-a-scheduler-state",
+        _training_damage("lr_scheduler", lambda p: torch.save({"x": 1}, p), manifest=False),
+        load_training,
+    ),
+    Case(
+        "training-sampler-state-bad",
+        _training_damage(
+            "running_states.json", lambda p: edit_json(p, lambda d: d["sampler"].update(epoch="x")), manifest=False
+        ),
+        load_training,
+    ),
+    Case(
+        "training-rng-malformed",
+        _training_damage("rng_state/rank_00000.json", lambda p: p.write_text("{"), manifest=False),
+        load_training,
+    ),
+    Case(
+        "training-rng-not-an-rng-state",
+        _training_damage("rng_state/rank_00000.json", lambda p: p.write_text('{"python": 5}'), manifest=False),
+        load_training,
+    ),
+    Case("scheduler-of-another-kind", lambda root, marker: _step_lr_file(root), load_scheduler_of_another_kind),
 ]
 
 

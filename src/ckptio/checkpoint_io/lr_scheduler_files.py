@@ -94,6 +94,15 @@ def read_lr_scheduler_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 def load_lr_scheduler_state(lr_scheduler: Any, checkpoint: str | os.PathLike) -> None:
     state = read_lr_scheduler_state(checkpoint)
+    # torch's schedulers take any dict (``__dict__.update``): refuse one that lacks this
+    # scheduler's public settings (another scheduler's state, or not a scheduler's at all).
+    # Private keys (``_is_initial``, ...) come and go between torch versions, so they may differ.
+    expected = {k for k in lr_scheduler.state_dict() if not k.startswith("_")}
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointFormatError(
+            f"not a state of {type(lr_scheduler).__name__}: it lacks {missing}", path=checkpoint
+        )
     try:
         lr_scheduler.load_state_dict(state)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:

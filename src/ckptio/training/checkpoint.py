@@ -19,6 +19,7 @@ rank writes its own RNG file.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -249,6 +250,12 @@ def load_checkpoint(
         raise CheckpointFormatError(
             f"{RUNNING_STATES} needs epoch, step and sample_start_index: {exc}", path=running_path
         ) from exc
+    sampler_state = running.get("sampler")
+    if sampler is not None and isinstance(sampler_state, dict):
+        try:  # on a shallow copy: a bad sampler state is refused before anything is loaded
+            copy.copy(sampler).load_state_dict(sampler_state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointFormatError(f"the sampler refused its saved state: {exc}", path=running_path) from exc
     manifest = read_manifest(load_dir)
     if manifest is not None:
         check_against_manifest(load_dir, list(manifest.files), checksums=verify)
@@ -258,8 +265,8 @@ def load_checkpoint(
         booster.load_optimizer(optimizer, load_dir / OPTIMIZER_DIR)
     if lr_scheduler is not None:
         booster.load_lr_scheduler(lr_scheduler, load_dir / LR_SCHEDULER_FILE)
-    if sampler is not None and isinstance(running.get("sampler"), dict):
-        sampler.load_state_dict(running["sampler"])
+    if sampler is not None and isinstance(sampler_state, dict):
+        sampler.load_state_dict(sampler_state)
     if restore_rng:
         rank = DistCoordinator().rank
         rng_path = load_dir / rng.rng_file_name(rank)

@@ -184,3 +184,40 @@ def test_staging_failure_on_one_rank_raises_from_the_call_on_every_rank(tmp_path
         assert raised is not None and "rank 1" in raised and "staging buffers" in raised, raised
         assert not in_flight and seconds < 20
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("plugin", ["fsdp", "ddp"])
+def test_async_single_file_optimizer_on_2_ranks(tmp_path, plugin):
+    """save_optimizer's default (shard=False, one torch file): gathered on the master during the
+    call, written in the background; what lands is the state at the call."""
+    from ckptio.checkpoint_io import distributed_optim
+
+    def save():
+        rank = torch.distributed.get_rank()
+        booster, model, optimizer = _boosted(plugin)
+        train(model, optimizer, 2, rank)
+        state, groups = full_optimizer_state(optimizer, model)
+        real_save = distributed_optim.torch_format.save
+
+        def slow_save(*args, **kwargs):
+            time.sleep(0.5)
+            return real_save(*args, **kwargs)
+
+        distributed_optim.torch_format.save = slow_save
+        booster.save_optimizer(optimizer, tmp_path / "optim.pt", use_async=True)
+        in_flight = booster.checkpoint_io.async_saver.in_flight
+        train(model, optimizer, 2, rank, start=2)
+        booster.wait()
+        return (_plain_names(state), groups), in_flight
+
+    results = run_ranks(lambda ctx: ctx.phase(2, "save", save), 2, tmp_path)
+    (state_at_call, groups_at_call), _ = results[0]
+    assert all(in_flight for _, in_flight in results), "the call must return before the file is written"
+    model = make_uneven(7)
+    optimizer = make_optimizer(model)
+    booster = Booster()
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    booster.load_optimizer(optimizer, tmp_path / "optim.pt")
+    state, groups = full_optimizer_state(optimizer, model)
+    assert groups == groups_at_call and state.keys() == state_at_call.keys()
+    assert all(torch.equal(state[k], v) for k, v in state_at_call.items())

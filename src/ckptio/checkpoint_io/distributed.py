@@ -69,10 +69,11 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
     replicated tensors it writes) into host staging buffers and returns; a
     background thread on every rank then runs the usual collective save over a process group
     of its own (gloo, created at the first async save), so its collectives never interleave
-    with training's. Layouts that would need collectives on the mesh to stage (``Partial``
-    placements, strided shards), a ``group`` other than the default one, and the other
-    optimizer layouts save synchronously. Call ``booster.wait()`` before destroying the
-    process group.
+    with training's. An optimizer saved as one file or in ColossalAI's layout is gathered on
+    the master during the call and written in the background. Layouts that would need
+    collectives on the mesh to stage (``Partial`` placements, strided shards) and a ``group``
+    other than the default one save synchronously. Call ``booster.wait()`` before destroying
+    the process group.
     """
 
     def __init__(self, group: Any = None, *, layout: dict[str, Any] | None = None) -> None:
@@ -105,6 +106,28 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
             lambda staging: self._stage_own_parts(staging, state, spec, slot, what),
             lambda staged: write(staged, group),
             what=what,
+        )
+        return True
+
+    def _submit_full_on_master(self, optimizer, checkpoint: str, opts: OptimizerSaveOptions) -> bool:
+        """One torch file or ColossalAI's layout, in the background: the full state is gathered on
+        the master during the call (collectives on the training's group, in the caller's thread)
+        and copied to staging; the master then writes it in the background."""
+        group = self._background_group()
+        if group is None:
+            return False
+
+        def stage(staging):
+            def gather_and_copy():
+                full = doptim.full_state_dict_on_master(optimizer, self.group)
+                return staging.stage_tree(full, "optimizer") if full is not None else None
+
+            return collective_step(self.group, f"staging optimizer to {checkpoint}", gather_and_copy)
+
+        self.async_saver.submit(
+            stage,
+            lambda full: doptim.write_full_on_master(full, checkpoint, opts, group),
+            what=f"optimizer to {checkpoint}",
         )
         return True
 
@@ -156,6 +179,8 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
     def _save_optimizer(self, optimizer, checkpoint: str, *, shard, gather_dtensor, prefix, max_shard_bytes, use_async):
         opts = OptimizerSaveOptions(shard, prefix, max_shard_bytes, self.optimizer_layout)
         if not shard or opts.layout != "ckptio":
+            if use_async and self._submit_full_on_master(optimizer, checkpoint, opts):
+                return
             doptim.save_full_on_master(optimizer, checkpoint, opts, self.group)
             return
         flat, description = doptim.flat_optimizer_state(optimizer)

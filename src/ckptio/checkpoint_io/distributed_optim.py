@@ -120,7 +120,13 @@ def save_full_on_master(
     optimizer: torch.optim.Optimizer, checkpoint: str, opts: ofiles.OptimizerSaveOptions, group: Group
 ) -> None:
     """``shard=False`` (one torch file) or the ColossalAI layout, written by the master."""
-    full = full_state_dict_on_master(optimizer, group)
+    write_full_on_master(full_state_dict_on_master(optimizer, group), checkpoint, opts, group)
+
+
+def write_full_on_master(
+    full: dict[str, Any] | None, checkpoint: str, opts: ofiles.OptimizerSaveOptions, group: Group
+) -> None:
+    """The master writes ``full`` (gathered already); every rank of ``group`` learns the outcome."""
 
     def save() -> None:
         if group.rank != 0:

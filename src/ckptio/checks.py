@@ -9,7 +9,6 @@ checkpoints (what ``CheckpointManager`` writes) is checked one checkpoint after 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from ckptio.checkpoint_io.model_files import WeightsFile, locate_model
@@ -18,10 +17,14 @@ from ckptio.formats import safetensors_format
 from ckptio.formats.naming import TMP_MARK
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import file_checksum
-from ckptio.training.checkpoint import LR_SCHEDULER_FILE, MODEL_DIR, OPTIMIZER_DIR, RUNNING_STATES
+from ckptio.training.checkpoint import (
+    LR_SCHEDULER_FILE,
+    MODEL_DIR,
+    OPTIMIZER_DIR,
+    RUNNING_STATES,
+    parse_checkpoint_name,
+)
 from ckptio.training.rng import FOLDER as RNG_DIR
-
-_CHECKPOINT_NAME = re.compile(r"^epoch-\d+_step-\d+$")
 
 Report = tuple[list[str], list[str]]
 
@@ -61,8 +64,8 @@ def training_checkpoints_in(path: str | Path) -> list[Path]:
     folder = Path(path)
     if not folder.is_dir() or is_training_checkpoint(folder):
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT_NAME.match(p.name)]
-    return sorted(found, key=lambda p: tuple(int(n) for n in re.findall(r"\d+", p.name)))
+    found = [p for p in folder.iterdir() if p.is_dir() and parse_checkpoint_name(p.name) is not None]
+    return sorted(found, key=lambda p: parse_checkpoint_name(p.name))
 
 
 def verify_manifest(folder: Path, checksums: bool, ok: list[str], problems: list[str]) -> None:

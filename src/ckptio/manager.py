@@ -29,9 +29,14 @@ from ckptio.storage import atomic
 from ckptio.storage.location import is_url
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
-from ckptio.training.checkpoint import RUNNING_STATES, load_checkpoint, load_json, save_checkpoint
+from ckptio.training.checkpoint import (
+    RUNNING_STATES,
+    load_checkpoint,
+    load_json,
+    parse_checkpoint_name,
+    save_checkpoint,
+)
 
-_NAME_RE = re.compile(r"^epoch-(\d+)_step-(\d+)$")
 _LEFTOVER_RE = re.compile(rf"^\.epoch-\d+_step-\d+(?:{re.escape(TMP_MARK)}|{re.escape(OLD_MARK)})[0-9a-f]+$")
 
 
@@ -165,9 +170,9 @@ class CheckpointManager:
             return []
         out = []
         for path in self.save_dir.iterdir():
-            m = _NAME_RE.match(path.name)
-            if m and path.is_dir():
-                out.append(_Entry(int(m.group(1)), int(m.group(2)), path))
+            parsed = parse_checkpoint_name(path.name)
+            if parsed is not None and path.is_dir():
+                out.append(_Entry(*parsed, path))
         return out
 
     def checkpoints(self) -> list[Path]:

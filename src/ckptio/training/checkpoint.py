@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,15 @@ RUNNING_STATES = naming.RUNNING_STATES
 
 def checkpoint_name(epoch: int, step: int) -> str:
     return f"epoch-{epoch}_step-{step}"
+
+
+_CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)_step-(\d+)$")
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """``(epoch, step)`` of a folder named by :func:`checkpoint_name`, or None for any other name."""
+    match = _CHECKPOINT_NAME.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:

@@ -30,7 +30,7 @@ import cases  # noqa: E402
 import run  # noqa: E402
 
 from ckptio import progress  # noqa: E402
-from ckptio.checkpoint_io import model_files  # noqa: E402
+from ckptio.engine import write as engine_write  # noqa: E402
 from ckptio.storage import atomic, local  # noqa: E402
 from ckptio.storage.base import FileRecord, HashingStream  # noqa: E402
 
@@ -52,26 +52,26 @@ class SeedWriter(local.LocalFileWriter):
 
 @contextlib.contextmanager
 def variant(seed_writer: bool, early_writeback: bool, threads: int, progress_bar: bool = False):
-    saved = (atomic.LocalFileWriter, local._sync_file_range, model_files.WRITE_THREADS, progress.progress_enabled)
+    saved = (atomic.LocalFileWriter, local._sync_file_range, engine_write.WRITE_THREADS, progress.progress_enabled)
     try:
         if seed_writer:
             atomic.LocalFileWriter = SeedWriter
         if not early_writeback:
             local._sync_file_range = None
-        model_files.WRITE_THREADS = threads
+        engine_write.WRITE_THREADS = threads
         if progress_bar:  # as on a terminal: the bar's polling thread runs during the save
             progress.progress_enabled = lambda quiet=False: not quiet
         yield
     finally:
-        atomic.LocalFileWriter, local._sync_file_range, model_files.WRITE_THREADS, progress.progress_enabled = saved
+        atomic.LocalFileWriter, local._sync_file_range, engine_write.WRITE_THREADS, progress.progress_enabled = saved
 
 
 VARIANTS = {
     "seed writer, 1 thread": (True, False, 1),
     "new writer, early writeback, 1 thread": (False, True, 1),
     "new writer, no early writeback, 2 threads": (False, False, 2),
-    "new writer, early writeback, 2 threads (default)": (False, True, model_files.WRITE_THREADS),
-    "default, with the progress bar shown": (False, True, model_files.WRITE_THREADS, True),
+    "new writer, early writeback, 2 threads (default)": (False, True, engine_write.WRITE_THREADS),
+    "default, with the progress bar shown": (False, True, engine_write.WRITE_THREADS, True),
 }
 
 

@@ -116,13 +116,14 @@ def build_context(size_gb: float, root: Path, shard_mib: int) -> cases.Context:
 
     hf_logging.disable_progress_bar()
 
-    from ckptio.checkpoint_io.model_state import model_state_for_save
+    from ckptio.state.model import state_to_save
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(gpt_config(int(size_gb * 1024**3))).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    state, _ = model_state_for_save(model)  # tied lm_head once, as every tool below stores it
+    # tied lm_head once, as every tool below stores it
+    state = {k: t.contiguous() for k, t in state_to_save(model).items()}
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     read_buffer = torch.ones(nbytes, dtype=torch.uint8)  # touched: existing memory
     return cases.Context(model, state, root, shard_mib, read_buffer)
@@ -233,12 +234,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _largest_shard(ctx: cases.Context) -> int:
-    from ckptio.checkpoint_io.model_files import ModelSaveOptions, plan_model_files, tensor_sizes
+    from ckptio.engine.plan import plan_files
 
-    opts = ModelSaveOptions(shard=True, max_shard_bytes=ctx.shard_mib * MiB, use_safetensors=True)
-    plan = plan_model_files(tensor_sizes(ctx.state), opts)
-    sizes = dict(tensor_sizes(ctx.state))
-    return max(sum(sizes[k] for k in keys) for _, keys in plan.files)
+    sizes = [(k, t.numel() * t.element_size()) for k, t in ctx.state.items()]
+    plan = plan_files(sizes, 1, weights_name="model.safetensors", max_shard_bytes=ctx.shard_mib * MiB)
+    return max(sum(dict(sizes)[k] for k in keys) for _, keys in plan.files)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,6 @@
 from ckptio.booster import Booster
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.general import GeneralCheckpointIO
-from ckptio.checkpoint_io.model_state import LoadReport
 from ckptio.cluster import DistCoordinator
 from ckptio.errors import (
     CheckpointCorruptError,
@@ -16,6 +15,7 @@ from ckptio.errors import (
     UnsafeCheckpointError,
 )
 from ckptio.manager import CheckpointManager
+from ckptio.state.report import LoadReport
 
 __version__ = "0.1.0"
 

@@ -10,9 +10,9 @@ from torch.optim import Optimizer
 
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.general import GeneralCheckpointIO
-from ckptio.checkpoint_io.model_state import LoadReport
-from ckptio.checkpoint_io.optimizer_state import register_model
 from ckptio.plugins.base import Plugin
+from ckptio.state.optimizer import register_model
+from ckptio.state.report import LoadReport
 
 PathLike = str | os.PathLike
 

@@ -22,9 +22,9 @@ from typing import Any
 from torch import nn
 
 from ckptio.cluster import DistCoordinator
+from ckptio.engine.group import Group, collective_step
 from ckptio.errors import CheckpointError, CheckpointFormatError
 from ckptio.formats.naming import OLD_MARK, TMP_MARK
-from ckptio.planning.collectives import Group, collective_step
 from ckptio.storage import atomic
 from ckptio.storage.location import is_url
 from ckptio.storage.manifest import read_manifest

@@ -13,7 +13,7 @@ from tests.dist.harness import run_ranks
 from tests.dist.models import diff_keys, full_optimizer_state, full_state, make_optimizer, make_uneven, train
 
 from ckptio import Booster, DistributedCheckpointError
-from ckptio.checkpoint_io import distributed_state
+from ckptio.engine import write as engine_write
 from ckptio.plugins import TorchDDPPlugin, TorchFSDPPlugin
 from ckptio.training import load_checkpoint, save_checkpoint
 
@@ -32,13 +32,13 @@ def _plain_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _slow_writes(seconds: float) -> None:
     """Every file written by a save takes ``seconds`` longer: the save is surely still running when the call returns."""
-    real = distributed_state.write_weights_file
+    real = engine_write.write_weights_file
 
     def slow(*args, **kwargs):
         time.sleep(seconds)
         return real(*args, **kwargs)
 
-    distributed_state.write_weights_file = slow
+    engine_write.write_weights_file = slow
 
 
 @pytest.mark.parametrize("plugin", ["fsdp", "ddp"])
@@ -98,7 +98,7 @@ def test_async_failure_on_one_rank_is_raised_by_wait_everywhere(tmp_path):
             def broken(*args, **kwargs):
                 raise OSError(28, "No space left on device (injected)")
 
-            distributed_state.write_weights_file = broken
+            engine_write.write_weights_file = broken
         booster.save_model(model, folder, shard=True, use_safetensors=True, size_per_shard=0.0002, use_async=True)
         try:
             booster.wait()
@@ -157,7 +157,7 @@ def test_async_training_checkpoint_on_2_ranks_restores_the_state_at_call_time(tm
 
 def test_staging_failure_on_one_rank_raises_from_the_call_on_every_rank(tmp_path):
     """No rank is left with a background save waiting for a peer whose staging failed."""
-    from ckptio.checkpoint_io import distributed
+    from ckptio.engine import save as engine_save
 
     def save():
         rank = torch.distributed.get_rank()
@@ -167,7 +167,7 @@ def test_staging_failure_on_one_rank_raises_from_the_call_on_every_rank(tmp_path
             def out_of_memory(*args, **kwargs):
                 raise MemoryError("cannot allocate staging buffers (injected)")
 
-            distributed.stage_parts = out_of_memory
+            engine_save.stage_parts = out_of_memory
         started = time.monotonic()
         try:
             booster.save_model(model, tmp_path / "m", shard=True, use_safetensors=True, use_async=True)
@@ -190,20 +190,20 @@ def test_staging_failure_on_one_rank_raises_from_the_call_on_every_rank(tmp_path
 def test_async_single_file_optimizer_on_2_ranks(tmp_path, plugin):
     """save_optimizer's default (shard=False, one torch file): gathered on the master during the
     call, written in the background; what lands is the state at the call."""
-    from ckptio.checkpoint_io import distributed_optim
+    from ckptio.layouts import optimizer as optimizer_layout
 
     def save():
         rank = torch.distributed.get_rank()
         booster, model, optimizer = _boosted(plugin)
         train(model, optimizer, 2, rank)
         state, groups = full_optimizer_state(optimizer, model)
-        real_save = distributed_optim.torch_format.save
+        real_save = optimizer_layout.torch_format.save
 
         def slow_save(*args, **kwargs):
             time.sleep(0.5)
             return real_save(*args, **kwargs)
 
-        distributed_optim.torch_format.save = slow_save
+        optimizer_layout.torch_format.save = slow_save
         booster.save_optimizer(optimizer, tmp_path / "optim.pt", use_async=True)
         in_flight = booster.checkpoint_io.async_saver.in_flight
         train(model, optimizer, 2, rank, start=2)

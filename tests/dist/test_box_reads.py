@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckptio.checkpoint_io import distributed_tensors as dt
-from ckptio.checkpoint_io.distributed_tensors import BoxReader, Region
+from ckptio.engine import reader as dt
+from ckptio.engine import tensors
+from ckptio.engine.reader import TensorFile
+from ckptio.engine.tensors import Region
 
 
 @pytest.fixture
@@ -36,7 +38,7 @@ def test_every_box_reads_exact_values_and_only_its_bytes(tensor_file, monkeypatc
     read = []
     real = dt._pread_exact
     monkeypatch.setattr(dt, "_pread_exact", lambda fd, view, off, p: (read.append(len(view)), real(fd, view, off, p)))
-    reader = BoxReader(path)
+    reader = TensorFile(path)
     try:
         for region in _boxes(tuple(full.shape)):
             read.clear()
@@ -59,6 +61,6 @@ def test_every_box_reads_exact_values_and_only_its_bytes(tensor_file, monkeypatc
 
 def test_region_index_and_sources():
     regions = [Region((0, 0), (2, 3)), Region((0, 0), (2, 3)), Region((2, 0), (0, 3)), Region((2, 0), (1, 3))]
-    assert dt.sources(regions) == [(0, regions[0]), (3, regions[3])]  # replicas once, empty boxes never
+    assert tensors.sources(regions) == [(0, regions[0]), (3, regions[3])]  # replicas once, empty boxes never
     assert Region((1, 2), (2, 2)).index() == (slice(1, 3), slice(2, 4))
     assert list(itertools.islice(_boxes((3, 4)), 1)) == [Region((0, 0), (1, 4))]

@@ -40,7 +40,7 @@ def _load_and_compare(path) -> list[str]:
 
 def test_ddp_sharded_save_at_4_and_2_loads_at_1_2_3(tmp_path):
     ck = {4: tmp_path / "ddp4", 2: tmp_path / "ddp2"}
-    fmts = {4: {"shard": True, "use_safetensors": True, "size_per_shard": 0.001}, 2: {"shard": True}}
+    fmts = {4: {"shard": True, "use_safetensors": True, "size_per_shard": 0.001}, 2: {"shard": True, "size_per_shard": 0.001}}
 
     def scenario(ctx):
         out = {}

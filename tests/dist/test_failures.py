@@ -8,7 +8,7 @@ from tests.dist.harness import run_ranks
 from tests.dist.models import diff_keys, make_uneven
 
 from ckptio import Booster, DistributedCheckpointError
-from ckptio.checkpoint_io import distributed_state
+from ckptio.engine import write as engine_write
 from ckptio.errors import CheckpointWriteError
 from ckptio.plugins import TorchDDPPlugin, TorchFSDPPlugin
 
@@ -28,7 +28,7 @@ def test_write_failure_on_one_rank_raises_on_all_and_keeps_old_checkpoint(tmp_pa
             def broken(*args, **kwargs):
                 raise CheckpointWriteError("write failed (disk full)", path="injected")
 
-            distributed_state.write_weights_file = broken
+            engine_write.write_weights_file = broken
         try:
             booster.save_model(model, ck, shard=True, use_safetensors=True, size_per_shard=0.0002)
         except DistributedCheckpointError as exc:
@@ -50,7 +50,7 @@ def test_write_failure_on_one_rank_raises_on_all_and_keeps_old_checkpoint(tmp_pa
 
 
 def test_collective_step_reports_every_failed_rank_on_all_ranks(tmp_path):
-    from ckptio.planning.collectives import Group, collective_step
+    from ckptio.engine.group import Group, collective_step
 
     def step(rank, fail_on):
         if rank in fail_on:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ckptio import Booster
-from ckptio.checkpoint_io import distributed_state
+from ckptio.engine import write as engine_write
 from ckptio.formats.naming import OLD_MARK, TMP_MARK
 from ckptio.plugins import TorchFSDPPlugin
 from tests.dist.models import diff_keys, make_uneven
@@ -51,13 +51,13 @@ def _worker(rank: int, workdir: Path, ck: Path, victim: int, results) -> None:
         _save(ck, seed=0)
         dist.barrier()
         if rank == victim:
-            real_write = distributed_state.write_weights_file
+            real_write = engine_write.write_weights_file
 
             def write_then_die(writer, file_name, *args, **kwargs):
                 real_write(writer, file_name, *args, **kwargs)  # one shard of the new save is on disk
                 os.kill(os.getpid(), signal.SIGKILL)
 
-            distributed_state.write_weights_file = write_then_die
+            engine_write.write_weights_file = write_then_die
         started = time.monotonic()
         try:
             _save(ck, seed=1)

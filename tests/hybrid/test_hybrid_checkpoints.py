@@ -31,7 +31,7 @@ def _boxes_exact(model, optimizer) -> list[str]:
     the IO writes and reads exactly these boxes, so they must be right for every layout."""
     from torch.distributed.tensor import DTensor
 
-    from ckptio.checkpoint_io.distributed_tensors import local_region
+    from ckptio.engine.tensors import local_region
 
     bad = []
     tensors = dict(model.named_parameters())
@@ -59,17 +59,17 @@ def _job(make_model, tp: int, *, load=None, save=None, steps=range(0), seed: int
     model, optimizer, *_ = booster.boost(model, optimizer)
     out: dict = {"mesh": tuple(plugin.mesh.shape)}
     if load is not None:
-        from ckptio.checkpoint_io.distributed_tensors import BoxReader
+        from ckptio.engine.reader import TensorFile
 
         whole_reads = []
-        read_full = BoxReader.read_full
-        BoxReader.read_full = lambda self, key: whole_reads.append(key) or read_full(self, key)
+        read_full = TensorFile.read
+        TensorFile.read = lambda self, key: whole_reads.append(key) or read_full(self, key)
         try:
             report = booster.load_model(model, load / "model")
             assert report.ok, report.describe()
             booster.load_optimizer(optimizer, load / "optim")
         finally:
-            BoxReader.read_full = read_full
+            TensorFile.read = read_full
         out["whole_reads"] = whole_reads  # tensors read whole instead of only this rank's box
         out["loaded"] = full_state(model)
         out["loaded_optim"] = full_optimizer_state(optimizer, model)

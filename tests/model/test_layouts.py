@@ -7,7 +7,7 @@ import torch
 from tests.helpers import MLPWithBuffers, assert_same_state, randomize
 
 from ckptio import Booster, CheckpointError, CheckpointFormatError
-from ckptio.checkpoint_io import model_files
+from ckptio.engine import write as engine_write
 
 
 def test_two_prefixed_saves_share_a_folder(tmp_path):
@@ -51,7 +51,7 @@ def test_failed_resave_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch
     model = randomize(MLPWithBuffers(), 1)
     booster.save_model(model, tmp_path / "ckpt", shard=True, use_safetensors=True, size_per_shard=0.0005)
     before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    real = model_files.write_weights_file
+    real = engine_write.write_weights_file
     calls = []
 
     def failing(*args, **kwargs):
@@ -60,7 +60,7 @@ def test_failed_resave_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(model_files, "write_weights_file", failing)
+    monkeypatch.setattr(engine_write, "write_weights_file", failing)
     with pytest.raises(OSError):
         booster.save_model(
             randomize(MLPWithBuffers(), 2), tmp_path / "ckpt", shard=True, use_safetensors=True, size_per_shard=0.0005

@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim import lr_scheduler as sched
 
 from ckptio import Booster, CheckpointError
-from ckptio.checkpoint_io import optimizer_json
+from ckptio.formats import tagged_json as optimizer_json
 
 
 class Warmup:

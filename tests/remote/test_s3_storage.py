@@ -111,15 +111,29 @@ def test_interrupted_save_is_never_loaded(s3, monkeypatch):
 def test_upload_dying_mid_file_leaves_no_object(s3, monkeypatch):
     """A single-file save whose upload fails midway: the object never appears (multipart aborted)."""
     url = f"{s3}/w/model.bin"
-    real = fsspec_storage._file_chunks
+    real = fsspec_storage.FsspecFileWriter._open_object
 
-    def failing(path, bar):
-        for i, chunk in enumerate(real(path, bar)):
-            if i == 0:
-                yield chunk[: len(chunk) // 2]
+    class ResetAfterHalf:
+        """The store's file object, whose connection resets half-way through the first write."""
+
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            view = memoryview(data).cast("B")
+            self.fh.write(view[: len(view) // 2])
             raise OSError("connection reset")
 
-    monkeypatch.setattr(fsspec_storage, "_file_chunks", failing)
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __setattr__(self, name, value):
+            if name == "fh":
+                object.__setattr__(self, name, value)
+            else:
+                setattr(self.fh, name, value)
+
+    monkeypatch.setattr(fsspec_storage.FsspecFileWriter, "_open_object", lambda self, n: ResetAfterHalf(real(self, n)))
     with pytest.raises(OSError):
         Booster().save_model(make_model(0), url)
     fs, path = fsspec_storage.filesystem(url)
@@ -198,14 +212,14 @@ def test_cli_on_s3_urls(s3, s3_server, tmp_path):
 
 
 def test_library_functions_take_any_fsspec_url():
-    """save_model_state / load_model_state directly, on fsspec's in-memory filesystem."""
-    from ckptio.checkpoint_io.model_files import ModelSaveOptions, load_model_state, save_model_state
+    """save_state_dict / load_into directly, on fsspec's in-memory filesystem."""
+    from ckptio.state_dict import load_into, save_state_dict
 
     state = {"w": torch.randn(40, 10), "b": torch.arange(7)}
     url = f"memory://ckptio-test-{os.getpid()}/ck"
-    save_model_state(state, url, ModelSaveOptions(shard=True, max_shard_bytes=500, use_safetensors=True))
+    save_state_dict(state, url, shard=True, size_per_shard=500 / 2**20, use_safetensors=True)
     dest = {"w": torch.empty(40, 10), "b": torch.empty(7, dtype=torch.long)}
-    report = load_model_state(dest, url, verify=True)
+    report = load_into(dest, url, verify=True)
     assert report.ok and torch.equal(dest["w"], state["w"]) and torch.equal(dest["b"], state["b"])
     fs, root = fsspec_storage.filesystem(url)
     fs.rm(root, recursive=True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ckptio.planning.split import assign_owners, split_greedy
+from ckptio.engine.split import assign_owners, split_greedy
 
 
 def test_greedy_packs_in_order_and_starts_new_shard_on_overflow():

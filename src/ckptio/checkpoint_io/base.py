@@ -1,8 +1,10 @@
 """The CheckpointIO contract behind ``Booster.save_* / load_*``.
 
 Public methods take ColossalAI's argument names and defaults, validate them once, and call
-the ``_``-prefixed hooks that each plugin's CheckpointIO overrides. Every rank calls every
-public method (they are collective in distributed plugins).
+the ``_``-prefixed hooks that the implementation overrides. Every rank calls every public
+method (they are collective in distributed plugins). Paths may be local or fsspec URLs:
+saves hand the path to the engine, whose commit the storage picks; loads read through
+:func:`ckptio.storage.location.readable`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ckptio.async_io.writer import AsyncSaver
-from ckptio.checkpoint_io.model_files import MiB, ModelSaveOptions
-from ckptio.checkpoint_io.model_state import LoadReport
 from ckptio.formats.naming import check_prefix
+from ckptio.layouts.model import MiB, ModelSaveOptions
 from ckptio.progress import module_nbytes, track_io
-from ckptio.storage.location import is_url, on_local_path
+from ckptio.state.report import LoadReport
+from ckptio.storage.location import normalize, readable
 
 PathLike = str | os.PathLike
 
@@ -33,7 +35,13 @@ def _check_size_per_shard(size_per_shard: float) -> int:
 def _check_path(checkpoint: PathLike) -> str:
     if not isinstance(checkpoint, str | os.PathLike) or not os.fspath(checkpoint):
         raise TypeError(f"checkpoint must be a non-empty path, got {checkpoint!r}")
-    return os.fspath(checkpoint)
+    return normalize(checkpoint)
+
+
+def _check_threads(num_threads: int) -> int:
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+    return num_threads
 
 
 class CheckpointIO(ABC):
@@ -59,16 +67,10 @@ class CheckpointIO(ABC):
             max_shard_bytes=_check_size_per_shard(size_per_shard),
             use_safetensors=bool(use_safetensors),
         )
+        path = _check_path(checkpoint)
         self.wait()  # at most one save in flight: a save never races the previous async one
-        # A URL (s3://...) is saved to a local copy, then uploaded with a commit marker (synchronously).
         with track_io("save model", lambda: module_nbytes(model), direction="write", quiet=bool(use_async)):
-            on_local_path(
-                _check_path(checkpoint),
-                lambda path: self._save_model(
-                    model, path, opts, gather_dtensor=gather_dtensor, use_async=use_async and not is_url(checkpoint)
-                ),
-                save=True,
-            )
+            self._save_model(model, path, opts, gather_dtensor=gather_dtensor, use_async=bool(use_async))
 
     def load_model(
         self,
@@ -83,26 +85,21 @@ class CheckpointIO(ABC):
 
         Returns the report of missing / unexpected / mismatched keys (empty when all fit);
         with ``strict=True`` a non-empty report raises instead, before anything is loaded.
-        ``num_threads`` shard files are read at once (one process; several ranks each read
-        only their own boxes). ``low_cpu_mem_mode`` is accepted for ColossalAI's signature:
-        loading always streams shard by shard straight into the live tensors, so extra
-        memory stays below one shard either way. ``verify=True`` checks every checksum of
-        the manifest first.
+        ``num_threads`` shard files are read at once (each rank reads only its own boxes).
+        ``low_cpu_mem_mode`` is accepted for ColossalAI's signature: loading always streams
+        shard by shard straight into the live tensors, so extra memory stays below one shard
+        either way. ``verify=True`` checks every checksum of the manifest first.
         """
-        if not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
-        with track_io("load model", lambda: module_nbytes(model), direction="read"):
-            return on_local_path(
-                _check_path(checkpoint),
-                lambda path: self._load_model(
-                    model,
-                    path,
-                    strict=bool(strict),
-                    low_cpu_mem_mode=bool(low_cpu_mem_mode),
-                    num_threads=num_threads,
-                    verify=bool(verify),
-                ),
-                save=False,
+        num_threads = _check_threads(num_threads)
+        path = _check_path(checkpoint)
+        with track_io("load model", lambda: module_nbytes(model), direction="read"), readable(path) as local:
+            return self._load_model(
+                model,
+                local,
+                strict=bool(strict),
+                low_cpu_mem_mode=bool(low_cpu_mem_mode),
+                num_threads=num_threads,
+                verify=bool(verify),
             )
 
     # ------------------------------------------------------------------ optimizer
@@ -117,20 +114,17 @@ class CheckpointIO(ABC):
         use_async: bool = False,
     ) -> None:
         """Save optimizer state: one file, or (``shard=True``) a folder of shards."""
-        self.wait()
         prefix, max_shard_bytes = check_prefix(prefix), _check_size_per_shard(size_per_shard)
-        on_local_path(
-            _check_path(checkpoint),
-            lambda path: self._save_optimizer(
-                optimizer,
-                path,
-                shard=bool(shard),
-                gather_dtensor=gather_dtensor,
-                prefix=prefix,
-                max_shard_bytes=max_shard_bytes,
-                use_async=use_async and not is_url(checkpoint),
-            ),
-            save=True,
+        path = _check_path(checkpoint)
+        self.wait()
+        self._save_optimizer(
+            optimizer,
+            path,
+            shard=bool(shard),
+            gather_dtensor=gather_dtensor,
+            prefix=prefix,
+            max_shard_bytes=max_shard_bytes,
+            use_async=bool(use_async),
         )
 
     def load_optimizer(
@@ -146,29 +140,23 @@ class CheckpointIO(ABC):
         ``low_cpu_mem_mode`` and ``num_threads`` are accepted for ColossalAI's signature; the
         state is read shard by shard on one thread. ``verify=True`` checks every checksum first.
         """
-        if not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
-        on_local_path(
-            _check_path(checkpoint),
-            lambda path: self._load_optimizer(
-                optimizer,
-                path,
-                low_cpu_mem_mode=bool(low_cpu_mem_mode),
-                num_threads=num_threads,
-                verify=bool(verify),
-            ),
-            save=False,
-        )
+        num_threads = _check_threads(num_threads)
+        with readable(_check_path(checkpoint)) as local:
+            self._load_optimizer(
+                optimizer, local, low_cpu_mem_mode=bool(low_cpu_mem_mode), num_threads=num_threads, verify=bool(verify)
+            )
 
     # ------------------------------------------------------------------ lr scheduler
     def save_lr_scheduler(self, lr_scheduler: Any, checkpoint: PathLike) -> None:
         """Save an LR scheduler's ``state_dict()`` (JSON when every value allows)."""
+        path = _check_path(checkpoint)
         self.wait()
-        on_local_path(_check_path(checkpoint), lambda path: self._save_lr_scheduler(lr_scheduler, path), save=True)
+        self._save_lr_scheduler(lr_scheduler, path)
 
     def load_lr_scheduler(self, lr_scheduler: Any, checkpoint: PathLike) -> None:
         """Load an LR scheduler's state saved by ckptio or ColossalAI."""
-        on_local_path(_check_path(checkpoint), lambda path: self._load_lr_scheduler(lr_scheduler, path), save=False)
+        with readable(_check_path(checkpoint)) as local:
+            self._load_lr_scheduler(lr_scheduler, local)
 
     # ------------------------------------------------------------------ async
     @property
@@ -196,14 +184,14 @@ class CheckpointIO(ABC):
     @abstractmethod
     def _load_model(self, model, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify) -> LoadReport: ...
 
-    def _save_optimizer(self, optimizer, checkpoint: str, **kwargs) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot save optimizers yet")
+    @abstractmethod
+    def _save_optimizer(self, optimizer, checkpoint: str, **kwargs) -> None: ...
 
-    def _load_optimizer(self, optimizer, checkpoint: str, **kwargs) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot load optimizers yet")
+    @abstractmethod
+    def _load_optimizer(self, optimizer, checkpoint: str, **kwargs) -> None: ...
 
-    def _save_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot save LR schedulers yet")
+    @abstractmethod
+    def _save_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None: ...
 
-    def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot load LR schedulers yet")
+    @abstractmethod
+    def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None: ...

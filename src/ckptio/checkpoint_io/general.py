@@ -1,123 +1,195 @@
-"""CheckpointIO for one process (or data parallel replicas handled by hand)."""
+"""The CheckpointIO of every layout: one engine, whatever the number of ranks.
+
+:class:`GeneralCheckpointIO` runs the engine (:mod:`ckptio.engine`) on a private world of
+one: a plugin-less ``Booster`` in one process, or on the master alone of a multi-rank job.
+:class:`~ckptio.checkpoint_io.distributed.DistributedCheckpointIO` is the same class on a
+process group. Every save is a list of parts written into one commit
+(:func:`ckptio.engine.save.save_parts`); ``use_async=True`` stages the same parts and writes
+them on a background thread (:meth:`GeneralCheckpointIO.save_parts`), so sync and async, one
+rank and many, local and URL share one code path.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import copy
+from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from ckptio.checkpoint_io.base import CheckpointIO
-from ckptio.checkpoint_io.hf_config import hf_config_files
-from ckptio.checkpoint_io.lr_scheduler_files import (
-    load_lr_scheduler_state,
-    save_lr_scheduler_state,
-    write_lr_scheduler,
+from ckptio.engine.group import Group, collective_step
+from ckptio.engine.load import load_state
+from ckptio.engine.optimizer import (
+    apply_optimizer_load,
+    flat_optimizer_state,
+    full_state_dict_on_master,
+    prepare_optimizer_load,
 )
-from ckptio.checkpoint_io.model_files import (
-    ModelSaveOptions,
-    load_model_state,
-    save_model_state,
-    write_model_files,
-)
-from ckptio.checkpoint_io.model_state import (
-    LoadReport,
-    alias_groups,
-    clean_key,
-    model_state_for_save,
-    unwrap_model,
-)
-from ckptio.checkpoint_io.optimizer_files import (
-    OptimizerSaveOptions,
-    load_optimizer_state,
-    save_optimizer_state,
-    write_optimizer_files,
-)
-from ckptio.checkpoint_io.optimizer_files import snapshot as optimizer_snapshot
-from ckptio.cluster import DistCoordinator
-
-
-def live_model_state(model: nn.Module) -> tuple[dict, dict[str, str]]:
-    """The live tensors to load into (sharing memory with the parameters) and tied aliases."""
-    state = {clean_key(k): v for k, v in unwrap_model(model).state_dict().items()}
-    return state, alias_groups(state)
-
-
-def live_model_state_for_staging(model: nn.Module) -> dict:
-    """The tensors an async save snapshots: clean names, tied tensors once, still on their device.
-
-    Unlike :func:`model_state_for_save` nothing is moved or made contiguous here: the staging
-    copy does both in one pass into reused host memory.
-    """
-    raw = {clean_key(k): v for k, v in unwrap_model(model).state_dict().items()}
-    aliases = alias_groups(raw)
-    return {k: v for k, v in raw.items() if k not in aliases}
+from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, save_parts, stage_all
+from ckptio.layouts.detect import detect
+from ckptio.layouts.lr_scheduler import load_lr_scheduler_state, prefers_torch, scheduler_file_bytes
+from ckptio.layouts.model import ModelSaveOptions, model_metadata, model_owned_files
+from ckptio.layouts.optimizer import OptimizerSaveOptions, index_metadata, owned_files, write_full
+from ckptio.state.hf_config import hf_config_files
+from ckptio.state.model import live_state, state_to_save, tied_aliases, unwrap_model
+from ckptio.state.report import LoadReport
 
 
 class GeneralCheckpointIO(CheckpointIO):
+    """Saves and loads on this process alone (a world of one), with the multi-rank engine.
+
+    ``use_async=True`` copies the state into reused host buffers and returns; a background
+    thread writes and commits it (``booster.wait()`` makes it durable).
+    """
+
     #: Layout of sharded optimizer saves: "ckptio" (parameter names, safetensors + JSON, the
     #: default) or "colossalai" (ColossalAI's pytorch_optim.bin.index.json layout). Loading
     #: detects the layout. Set it on the instance: ``booster.checkpoint_io.optimizer_layout = "colossalai"``.
     optimizer_layout: str = "ckptio"
 
-    def _save_model(self, model: nn.Module, checkpoint: str, opts: ModelSaveOptions, *, gather_dtensor, use_async):
-        extra = hf_config_files(unwrap_model(model)) if opts.shard else None
-        if use_async:
-            live = live_model_state_for_staging(model)
-            self.async_saver.submit(
-                lambda staging: staging.stage(live, slot="model"),
-                lambda staged: save_model_state(staged, checkpoint, opts, extra_files=extra),
-                what=f"model to {checkpoint}",
+    def __init__(self) -> None:
+        self.group = Group.of_one()
+        #: how the saving job was laid out (plugin, mesh, torch version): recorded in each
+        #: folder's manifest for inspection, never required to match on load
+        self.layout: dict[str, Any] | None = None
+        self._background: Group | None = None
+
+    # ------------------------------------------------------------------ parts of a save
+    # ``ckptio.training.save_checkpoint`` builds a training checkpoint from these parts; they are
+    # public so a plugin's CheckpointIO can change what a part is without touching the commit.
+    def model_part(
+        self, model: nn.Module, opts: ModelSaveOptions, *, subdir: str = "", checkpoint=None, extra_files=None
+    ) -> Part:
+        """The model's weights (tied tensors once), plus the index and ``extra_files`` of a sharded
+        save (default: ``config.json`` and ``generation_config.json`` of a ``transformers`` model)."""
+        if extra_files is None and opts.shard:
+            extra_files = hf_config_files(unwrap_model(model))
+        return TensorPart(
+            state_to_save(model),
+            opts.write_spec(checkpoint),
+            self.group,
+            subdir=subdir,
+            metadata=model_metadata(opts, extra_files) if opts.shard else None,
+            slot="model",
+            master_only=self.group.solo,
+        )
+
+    def optimizer_part(self, optimizer, opts: OptimizerSaveOptions, *, subdir: str = "") -> Part:
+        """ckptio's sharded layout goes through the engine like weights; one torch file and
+        ColossalAI's layout are gathered whole on the master, which writes them."""
+        if opts.shard and opts.layout == "ckptio":
+            flat, description = flat_optimizer_state(optimizer)
+            description = copy.deepcopy(description)  # the hyper-parameters of now, not after the next step
+            return TensorPart(
+                flat,
+                opts.write_spec(),
+                self.group,
+                subdir=subdir,
+                metadata=index_metadata(description, opts.prefix),
+                slot="optimizer",
+                master_only=self.group.solo,
             )
+        return CallbackPart(
+            lambda group: full_state_dict_on_master(optimizer, group),
+            lambda writer, file_name, full: write_full(writer, file_name, full, opts, subdir),
+            self.group,
+            slot="optimizer",
+            master_only=self.group.solo,
+        )
+
+    def lr_scheduler_part(self, lr_scheduler, name: str, *, prefer_torch: bool = False) -> Part:
+        """The scheduler's state as one small file, written by the master (every rank holds the same)."""
+        return FilesPart({name: scheduler_file_bytes(lr_scheduler.state_dict(), prefer_torch=prefer_torch)},
+                         master_only=True)  # fmt: skip
+
+    def manifest_extra(self) -> dict[str, Any] | None:
+        return {"layout": self.layout} if self.layout else None
+
+    # ------------------------------------------------------------------ the commit, sync or async
+    def background_group(self, group: Group) -> Group | None:
+        """The group a background save of ``group``'s parts runs its collectives on, or None where
+        an async save must stay synchronous.
+
+        A world of one needs no group. Otherwise a gloo group of its own, created at the first
+        async save (``new_group`` is entered by every rank of the world, so only for the default
+        group), so background collectives never interleave with training's.
+        """
+        if not group.active:
+            return Group.of_one()
+        if not group.is_default or (self.group.active and not self.group.is_default):
+            return None
+        if self._background is None:
+            self._background = Group(dist.new_group(backend="gloo"))
+        return self._background
+
+    def save_parts(
+        self,
+        checkpoint: str,
+        parts: list[Part],
+        *,
+        folder: bool,
+        owns=None,
+        group: Group | None = None,
+        use_async: bool = False,
+        what: str = "checkpoint",
+    ) -> None:
+        """Write ``parts`` into one commit of ``checkpoint`` over ``group`` (default: this IO's).
+
+        ``use_async``: stage now, write in the background; stays synchronous when a part cannot
+        be staged without collectives on its mesh (``Partial`` placements, strided shards) or no
+        background group can exist (a plugin on a subgroup). Every rank reaches the same answer.
+        """
+        group = group or self.group
+        extra = self.manifest_extra()
+        background = self.background_group(group) if use_async else None
+        if background is None or not all(p.stageable() for p in parts):
+            save_parts(checkpoint, parts, group, folder=folder, owns=owns, manifest_extra=extra)
             return
-        state, _ = model_state_for_save(model)
-        save_model_state(state, checkpoint, opts, extra_files=extra)
+        self.async_saver.submit(
+            lambda staging: stage_all(parts, staging, group, background, what),
+            lambda staged: save_parts(checkpoint, staged, background, folder=folder, owns=owns, manifest_extra=extra),
+            what=what,
+        )
+
+    # ------------------------------------------------------------------ model
+    def _save_model(self, model: nn.Module, checkpoint: str, opts: ModelSaveOptions, *, gather_dtensor, use_async):
+        extra = hf_config_files(unwrap_model(model)) if opts.shard else {}
+        part = self.model_part(model, opts, checkpoint=checkpoint, extra_files=extra)
+        owns = model_owned_files(opts.prefix, extra)
+        self.save_parts(checkpoint, [part], folder=opts.shard, owns=owns, use_async=use_async,
+                        what=f"model to {checkpoint}")  # fmt: skip
 
     def _load_model(self, model: nn.Module, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify):
-        dest, aliases = live_model_state(model)
-        report: LoadReport = load_model_state(
-            dest, checkpoint, strict=strict, aliases=aliases, num_threads=num_threads, verify=verify
-        )
+        dest = live_state(model)
+        report: LoadReport = load_state(
+            dest, checkpoint, self.group, strict=strict, aliases=tied_aliases(dest), verify=verify,
+            num_threads=num_threads,
+        )  # fmt: skip
         return report
 
-    # ------------------------------------------------------------------ optimizer / scheduler
+    # ------------------------------------------------------------------ optimizer
     def _save_optimizer(self, optimizer, checkpoint: str, *, shard, gather_dtensor, prefix, max_shard_bytes, use_async):
         opts = OptimizerSaveOptions(shard, prefix, max_shard_bytes, self.optimizer_layout)
-        snap = optimizer_snapshot(optimizer)
-        if use_async:
-            self.async_saver.submit(
-                lambda staging: replace(snap, state_dict=staging.stage_tree(snap.state_dict, slot="optimizer")),
-                lambda staged: save_optimizer_state(staged, checkpoint, opts),
-                what=f"optimizer to {checkpoint}",
-            )
-            return
-        save_optimizer_state(snap, checkpoint, opts)
+        self.save_parts(checkpoint, [self.optimizer_part(optimizer, opts)], folder=shard, owns=owned_files(prefix),
+                        use_async=use_async, what=f"optimizer to {checkpoint}")  # fmt: skip
 
     def _load_optimizer(self, optimizer, checkpoint: str, *, low_cpu_mem_mode, num_threads, verify):
-        load_optimizer_state(optimizer, checkpoint, verify=verify)
+        def load() -> None:
+            skeleton = prepare_optimizer_load(optimizer, detect(checkpoint, "optimizer"), verify=verify)
+            apply_optimizer_load(optimizer, skeleton, checkpoint)
 
+        collective_step(self.group, f"loading the optimizer from {checkpoint}", load)
+
+    # ------------------------------------------------------------------ lr scheduler
     def _save_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
-        save_lr_scheduler_state(lr_scheduler, checkpoint)
+        part = self.lr_scheduler_part(lr_scheduler, "lr_scheduler", prefer_torch=prefers_torch(checkpoint))
+        self.save_parts(checkpoint, [part], folder=False)
 
     def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
-        load_lr_scheduler_state(lr_scheduler, checkpoint)
+        collective_step(
+            self.group,
+            f"loading the LR scheduler from {checkpoint}",
+            lambda: load_lr_scheduler_state(lr_scheduler, checkpoint),
+        )
 
-    # ------------------------------------------------------------------ writing into a training checkpoint
-    # ``ckptio.training.save_checkpoint`` stages one folder and calls these on EVERY rank with
-    # a writer into it; they return the records of the files this rank wrote. Here (state
-    # replicated or one process) the global master writes; distributed CheckpointIOs override.
-    def _write_model_into(self, writer, subdir: str, model: nn.Module, opts: ModelSaveOptions) -> list:
-        if not DistCoordinator().is_master():
-            return []
-        state, _ = model_state_for_save(model)
-        extra = hf_config_files(unwrap_model(model)) if opts.shard else {}
-        return write_model_files(writer, state, opts, subdir=subdir, extra_files=extra)
-
-    def _write_optimizer_into(self, writer, subdir: str, optimizer, opts: OptimizerSaveOptions) -> list:
-        if not DistCoordinator().is_master():
-            return []
-        return write_optimizer_files(writer, optimizer_snapshot(optimizer), opts, subdir=subdir)
-
-    def _write_lr_scheduler_into(self, writer, name: str, lr_scheduler) -> list:
-        if not DistCoordinator().is_master():
-            return []
-        return [write_lr_scheduler(writer, name, lr_scheduler)]

@@ -15,7 +15,7 @@ Files are read with ``weights_only=True``.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,61 +24,40 @@ import torch
 from ckptio.errors import CheckpointCorruptError, CheckpointFormatError
 from ckptio.formats import torch_format
 from ckptio.formats.hf_index import ShardIndex, index_json, read_index
-from ckptio.formats.naming import add_prefix
-from ckptio.planning.split import split_greedy
+from ckptio.formats.naming import colossal_optimizer_names, colossal_shard_name
 from ckptio.storage.base import FileRecord, FileWriter
-
-STATES_NAME = "pytorch_optim.bin"
-INDEX_NAME = "pytorch_optim.bin.index.json"
-GROUP_FILE_NAME = "pytorch_optim_group.bin"
-
-
-def names(prefix: str | None) -> tuple[str, str, str]:
-    """``(states_name, index_name, group_file)`` for a prefix."""
-    return add_prefix(STATES_NAME, prefix), add_prefix(INDEX_NAME, prefix), add_prefix(GROUP_FILE_NAME, prefix)
-
-
-def shard_name(states_name: str, index: int) -> str:
-    """ColossalAI numbers shards without ``-of-N``: ``pytorch_optim-00001.bin``."""
-    return states_name.replace(".bin", f"-{index + 1:05d}.bin")
-
-
-def owned_files(prefix: str | None):
-    """Every file a ColossalAI-layout save with this prefix replaces."""
-    states, index, group = names(prefix)
-    stem = re.escape(states[: -len(".bin")])
-    shard = re.compile(rf"^{stem}-\d{{5}}\.bin$")
-    return lambda name: name in (index, group) or bool(shard.match(name))
-
-
-def is_index_name(name: str) -> bool:
-    return name.startswith("pytorch_optim.bin.index") and name.endswith(".json")
 
 
 def _state_bytes(entries: dict[str, Any]) -> int:
     return sum(v.numel() * v.element_size() for v in entries.values() if isinstance(v, torch.Tensor))
 
 
+def entry_sizes(state_dict: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(id as a string, bytes of its state tensors)`` per parameter, in state order, for the shard splitter."""
+    return [(str(pid), _state_bytes(entries)) for pid, entries in state_dict["state"].items()]
+
+
 def write(
     writer: FileWriter,
     state_dict: dict[str, Any],
+    shards: Sequence[Sequence[str]],
     *,
     prefix: str | None,
-    max_shard_bytes: int,
     subdir: str = "",
 ) -> list[FileRecord]:
-    """Write ``optimizer.state_dict()`` (tensors on the CPU) in ColossalAI's layout."""
-    states_name, index_name, group_file = names(prefix)
+    """Write ``optimizer.state_dict()`` (tensors on the CPU) in ColossalAI's layout; ``shards``
+    lists the ids (as strings, see :func:`entry_sizes`) of each shard file."""
+    states_name, index_name, group_file = colossal_optimizer_names(prefix)
     base = f"{subdir}/" if subdir else ""
     state = state_dict["state"]
-    plan = split_greedy([(str(pid), _state_bytes(entries)) for pid, entries in state.items()], max_shard_bytes)
     by_key = {str(pid): pid for pid in state}
+    sizes = dict(entry_sizes(state_dict))
     records = []
     weight_map: dict[str, str] = {}
-    for i, keys in enumerate(plan.shards):
+    for i, keys in enumerate(shards):
         if not keys:
             continue
-        name = shard_name(states_name, i)
+        name = colossal_shard_name(states_name, i)
         with writer.open_stream(base + name) as stream:
             torch_format.save({by_key[k]: state[by_key[k]] for k in keys}, stream)
         records.append(stream.record)
@@ -86,7 +65,7 @@ def write(
     with writer.open_stream(base + group_file) as stream:
         torch_format.save(state_dict["param_groups"], stream)
     records.append(stream.record)
-    body = index_json(weight_map, plan.total_bytes, {"param_groups": group_file})
+    body = index_json(weight_map, sum(sizes.values()), {"param_groups": group_file})
     records.append(writer.write(base + index_name, [body]))
     return records
 

@@ -21,6 +21,14 @@ TRAINING_MODEL_DIR = "modeling"
 TRAINING_OPTIMIZER_DIR = "optimizer"
 TRAINING_LR_SCHEDULER = "lr_scheduler"
 RUNNING_STATES = "running_states.json"
+RNG_DIR = "rng_state"
+# ckptio's optimizer layout: safetensors shards of state tensors keyed `<param>/<state>` + a JSON index
+OPTIMIZER_WEIGHTS = "optimizer.safetensors"
+OPTIMIZER_INDEX = "optimizer.index.json"
+# ColossalAI's optimizer layout: pickled shards without `-of-N`, a group file, an index
+COLOSSAL_OPTIM_STATES = "pytorch_optim.bin"
+COLOSSAL_OPTIM_INDEX = "pytorch_optim.bin.index.json"
+COLOSSAL_OPTIM_GROUPS = "pytorch_optim_group.bin"
 
 # Temporaries are hidden siblings: `.NAME.ckptio-tmp-TOKEN` (being written) and
 # `.NAME.ckptio-old-TOKEN` (a replaced checkpoint, deleted right after the commit).
@@ -70,7 +78,69 @@ def shard_name(weights: str, index: int, total: int) -> str:
 
 
 def is_index_file(name: str) -> bool:
+    """Any ``*.index.json`` / ``*.index.PREFIX.json`` name (model or optimizer)."""
     return bool(_INDEX_RE.match(name))
+
+
+_OPTIMIZER_INDEX_RE = re.compile(r"^optimizer\.index(?:\.[A-Za-z0-9_\-]+)?\.json$")
+_COLOSSAL_OPTIM_INDEX_RE = re.compile(r"^pytorch_optim\.bin\.index(?:\.[A-Za-z0-9_\-]+)?\.json$")
+
+
+def is_model_index(name: str) -> bool:
+    """A model index: any index JSON but an optimizer's (``model.safetensors.index.json``,
+    ColossalAI's prefixed ``pytorch_model.bin.index.ema.json``, other tools' names)."""
+    return is_index_file(name) and not is_optimizer_index(name) and not is_colossal_optimizer_index(name)
+
+
+def is_optimizer_index(name: str) -> bool:
+    """ckptio's optimizer index (``optimizer.index[.PREFIX].json``)."""
+    return bool(_OPTIMIZER_INDEX_RE.match(name))
+
+
+def is_colossal_optimizer_index(name: str) -> bool:
+    """ColossalAI's optimizer index (``pytorch_optim.bin.index[.PREFIX].json``)."""
+    return bool(_COLOSSAL_OPTIM_INDEX_RE.match(name))
+
+
+def optimizer_weights_name(prefix: str | None = None) -> str:
+    return add_prefix(OPTIMIZER_WEIGHTS, prefix)
+
+
+def optimizer_index_name(prefix: str | None = None) -> str:
+    return add_prefix(OPTIMIZER_INDEX, prefix)
+
+
+def colossal_optimizer_names(prefix: str | None = None) -> tuple[str, str, str]:
+    """``(states_name, index_name, group_file)`` of ColossalAI's layout for a prefix."""
+    return (
+        add_prefix(COLOSSAL_OPTIM_STATES, prefix),
+        add_prefix(COLOSSAL_OPTIM_INDEX, prefix),
+        add_prefix(COLOSSAL_OPTIM_GROUPS, prefix),
+    )
+
+
+def colossal_shard_name(states_name: str, index: int) -> str:
+    """ColossalAI numbers optimizer shards without ``-of-N``: ``pytorch_optim-00001.bin``."""
+    return states_name.replace(".bin", f"-{index + 1:05d}.bin")
+
+
+def rng_file_name(rank: int) -> str:
+    """The per-rank RNG file inside a training checkpoint: ``rng_state/rank_00000.json``."""
+    return f"{RNG_DIR}/rank_{rank:05d}.json"
+
+
+_CHECKPOINT_NAME_RE = re.compile(r"^epoch-(\d+)_step-(\d+)$")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """A training checkpoint's folder name: ``epoch-E_step-S`` (ColossalChat's)."""
+    return f"epoch-{epoch}_step-{step}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """``(epoch, step)`` of a folder named by :func:`checkpoint_name`, or None for any other name."""
+    match = _CHECKPOINT_NAME_RE.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def model_files_pattern(prefix: str | None) -> re.Pattern[str]:
@@ -83,6 +153,17 @@ def model_files_pattern(prefix: str | None) -> re.Pattern[str]:
     return re.compile(
         rf"^(?:(?:model|pytorch_model){p}(?:-\d{{5}}(?:-of-\d{{5}})?)?\.(?:safetensors|bin)"
         rf"|(?:model\.safetensors|pytorch_model\.bin)\.index{p}\.json)$"
+    )
+
+
+def optimizer_files_pattern(prefix: str | None) -> re.Pattern[str]:
+    """Every optimizer file a sharded save with this prefix replaces, in either layout."""
+    p = re.escape(f".{prefix}") if prefix else ""
+    states, index, groups = (re.escape(n) for n in colossal_optimizer_names(prefix))
+    colossal_stem = states[: -len(re.escape(".bin"))]
+    return re.compile(
+        rf"^(?:optimizer{p}(?:-\d{{5}}-of-\d{{5}})?\.safetensors|optimizer\.index{p}\.json"
+        rf"|{index}|{groups}|{colossal_stem}-\d{{5}}\.bin)$"
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from ckptio.errors import CheckpointWriteError
 from ckptio.formats.naming import MANIFEST, OLD_MARK, TMP_MARK
-from ckptio.storage.base import FileRecord
+from ckptio.storage.base import Commit, FileRecord
 from ckptio.storage.local import LocalFileWriter, fsync_dir
 from ckptio.storage.manifest import Manifest, read_manifest
 
@@ -100,7 +100,7 @@ def clean_stale_staging(target: str | os.PathLike, keep: str | None = None) -> l
     return removed
 
 
-class FolderCommit:
+class FolderCommit(Commit):
     """One save of a checkpoint folder: stage, then :meth:`commit` or :meth:`abort`.
 
     ``owns(name)`` says which top-level entries of an existing folder this save replaces;
@@ -121,6 +121,7 @@ class FolderCommit:
         self.token = token or new_token()
         self.staging = staging_path(self.target, self.token)
         self.writer = LocalFileWriter(self.staging)
+        self.file_name = None
 
     def begin(self) -> FolderCommit:
         if self.target.exists() and not self.target.is_dir():
@@ -204,7 +205,7 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-class FileCommit:
+class FileCommit(Commit):
     """One save of a single file: written to a hidden sibling, renamed over the target."""
 
     def __init__(self, target: str | os.PathLike, *, token: str | None = None) -> None:
@@ -212,6 +213,7 @@ class FileCommit:
         self.token = token or new_token()
         self.staging = staging_path(self.target, self.token)
         self.writer = LocalFileWriter(self.staging.parent)
+        self.file_name = self.staging.name
 
     def begin(self) -> FileCommit:
         if self.target.is_dir():
@@ -230,7 +232,9 @@ class FileCommit:
     def abort(self) -> None:
         _remove(self.staging)
 
-    def commit(self, record: FileRecord | None = None) -> Path:
+    def commit(self, records=None, manifest_extra=None) -> Path:
+        """Rename the staged file over the target (``records``: the file's record, unused: a
+        single file carries no manifest)."""
         try:
             os.replace(self.staging, self.target)
             fsync_dir(self.target.parent)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import xxhash
@@ -23,11 +23,15 @@ def new_hasher():
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One committed file: its name relative to the checkpoint folder, bytes and checksum."""
+    """One committed file: its name relative to the checkpoint folder, bytes and checksum.
+
+    ``holds_tensors`` marks the weight files the engine spread over the ranks (the manifest's
+    ``written_by_rank`` lists those); it is not stored in the manifest."""
 
     name: str
     size: int
     checksum: str
+    holds_tensors: bool = field(default=False, compare=False)
 
     def to_json(self) -> dict:
         return {"size": self.size, CHECKSUM_ALGORITHM: self.checksum}
@@ -71,3 +75,35 @@ class FileWriter(ABC):
     @abstractmethod
     def open_stream(self, name: str):
         """A context manager yielding a :class:`HashingStream`; its record is in ``.record`` after."""
+
+
+class Commit(ABC):
+    """One save's way to become visible all at once; the storage picks the strategy.
+
+    Local disk stages into a hidden sibling and renames it into place
+    (:mod:`ckptio.storage.atomic`); object stores write under a fresh version prefix and flip
+    a commit marker last (:mod:`ckptio.storage.fsspec_storage`). Call order, the same for
+    both: every rank builds the commit with the same ``token``; the master calls
+    :meth:`begin`; every rank writes its files through :attr:`writer` (a one-file save
+    writes exactly one file, named :attr:`file_name`); the master calls :meth:`commit` with
+    every rank's records, or :meth:`abort` if any rank failed.
+    """
+
+    #: where the files of this save go (relative names)
+    writer: FileWriter
+    #: for a one-file save, the name its only file must be written under; None for a folder
+    file_name: str | None = None
+    #: the checkpoint as the user named it (a path or URL), for messages
+    target: str
+
+    @abstractmethod
+    def begin(self) -> Commit:
+        """Prepare the staging area (master only); returns self."""
+
+    @abstractmethod
+    def commit(self, records: Iterable[FileRecord], manifest_extra: dict | None = None) -> None:
+        """Make the save visible: manifest (folders), durability, the atomic switch (master only)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop what this save staged; the previous checkpoint stays as it was (master only)."""

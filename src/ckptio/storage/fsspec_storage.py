@@ -17,10 +17,11 @@ Guarantee, stated honestly: saves are all-or-nothing for readers that start afte
 marker flips; a reader that resolved the previous version may see it deleted under it (it
 then fails with a "missing file" error and can retry). One writer per URL at a time.
 
-Library saves and loads of URLs go through a local temporary copy (:func:`saving`,
-:func:`loading`): the local code path (formats, manifest, checks) is used unchanged, and
-files stream between the local copy and the store in 8 MiB pieces, hashed on the way.
-The temporary folder is ``$CKPTIO_TMPDIR`` or the system default.
+Saves write straight to the store through :class:`RemoteFolderCommit` /
+:class:`RemoteFileCommit` (the same :class:`~ckptio.storage.base.Commit` every save uses;
+files are hashed while they upload). Loads download the committed version to a local
+temporary copy first (:func:`loading`, in 8 MiB pieces), so the local readers and checks
+run unchanged; the temporary folder is ``$CKPTIO_TMPDIR`` or the system default.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from ckptio.errors import (
-    CheckpointCorruptError,
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -43,8 +43,8 @@ from ckptio.errors import (
 )
 from ckptio.formats.naming import COMMIT_MARKER, MANIFEST, REMOTE_VERSION_PREFIX
 from ckptio.progress import Progress
-from ckptio.storage.base import FileRecord, FileWriter, HashingStream, new_hasher
-from ckptio.storage.location import is_url, url_basename
+from ckptio.storage.base import Commit, FileRecord, FileWriter, HashingStream, new_hasher
+from ckptio.storage.urls import is_url, url_basename
 
 _CHUNK = 8 * 1024 * 1024
 MARKER_FORMAT = "ckptio-commit"
@@ -88,12 +88,16 @@ class FsspecFileWriter(FileWriter):
     def _where(self, name: str) -> str:
         return f"{self.fs.unstrip_protocol(_join(self.root, name))}"
 
-    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> FileRecord:
-        hasher, size = new_hasher(), 0
+    def _open_object(self, name: str):
+        """The store's writable file for ``name`` (buffered; multipart for large objects)."""
         try:
-            fh = self.fs.open(_join(self.root, name), "wb")
+            return self.fs.open(_join(self.root, name), "wb")
         except Exception as exc:
             raise CheckpointWriteError(f"cannot create object: {exc}", path=self._where(name)) from exc
+
+    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> FileRecord:
+        hasher, size = new_hasher(), 0
+        fh = self._open_object(name)
         try:
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
@@ -113,25 +117,20 @@ class FsspecFileWriter(FileWriter):
 
     @contextlib.contextmanager
     def open_stream(self, name: str):
-        fh = self.fs.open(_join(self.root, name), "wb")
+        fh = self._open_object(name)
         stream = HashingStream(fh)
         try:
             yield stream
-        except BaseException:
+        except BaseException as exc:
             _discard(fh)
+            if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
+                raise CheckpointWriteError(f"upload failed: {exc}", path=self._where(name)) from exc
             raise
         try:
             fh.close()
         except Exception as exc:
             raise CheckpointWriteError(f"upload failed: {exc}", path=self._where(name)) from exc
         stream.record = FileRecord(name, stream.size, stream.hexdigest())
-
-
-def _file_chunks(path: Path, progress: Progress) -> Iterator[bytes]:
-    with open(path, "rb", buffering=0) as fh:
-        while data := fh.read(_CHUNK):
-            progress.advance(len(data))
-            yield data
 
 
 def read_marker(fs, root: str) -> str | None:
@@ -234,39 +233,70 @@ def fetch(url: str, dest: str | os.PathLike, *, storage_options=None, quiet: boo
     return local
 
 
-def publish(local: str | os.PathLike, url: str, *, storage_options=None, quiet: bool = False) -> None:
-    """Upload a committed local checkpoint (file or folder) to ``url``; the marker goes last."""
-    local = Path(local)
-    fs, root = filesystem(url, storage_options)
-    if local.is_file():
-        parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
-        with Progress(f"upload {name}", local.stat().st_size, 1, quiet=quiet) as bar:
-            FsspecFileWriter(fs, parent).write(name, _file_chunks(local, bar))
-            bar.file_done()
-        return
-    if fs.isfile(root):
-        raise CheckpointWriteError("exists and is not a folder; refusing to replace an object", path=url)
-    from ckptio.storage.atomic import new_token
-    from ckptio.storage.manifest import read_manifest
+class RemoteFolderCommit(Commit):
+    """A folder save on an object store: files go under ``URL/ckptio-v-TOKEN/`` (every rank
+    writes its own, straight to the store), the manifest last, then the marker names the
+    version; older versions are deleted only after the marker flipped."""
 
-    version = f"{REMOTE_VERSION_PREFIX}{new_token()}"
-    files = sorted(p for p in local.rglob("*") if p.is_file())
-    # The manifest is uploaded after every file it lists, so even the version folder is never half-described.
-    files.sort(key=lambda p: p.name == MANIFEST)
-    manifest = read_manifest(local)
-    writer = FsspecFileWriter(fs, _join(root, version))
-    total = sum(p.stat().st_size for p in files)
-    with Progress(f"upload {url_basename(url)}", total, len(files), quiet=quiet) as bar:
-        for path in files:
-            rel = path.relative_to(local).as_posix()
-            record = writer.write(rel, _file_chunks(path, bar))
-            expected = manifest.files.get(rel) if manifest is not None else None
-            if expected is not None and (expected.size, expected.checksum) != (record.size, record.checksum):
-                raise CheckpointCorruptError("local copy changed while uploading; nothing committed", path=path)
-            bar.file_done()
-    body = {"format": MARKER_FORMAT, "format_version": MARKER_VERSION, "version": version, "files": len(files)}
-    commit_marker(fs, root, body)
-    prune_versions(fs, root, keep=version)
+    def __init__(self, url: str, *, token: str, storage_options=None) -> None:
+        _check_single_process(url)
+        self.target = url
+        self.fs, self.root = filesystem(url, storage_options)
+        self.version = f"{REMOTE_VERSION_PREFIX}{token}"
+        self.writer = FsspecFileWriter(self.fs, _join(self.root, self.version))
+        self.file_name = None
+
+    def begin(self) -> RemoteFolderCommit:
+        try:
+            is_object = self.fs.isfile(self.root)
+        except Exception as exc:  # noqa: BLE001 (any backend error: say which URL)
+            raise CheckpointWriteError(f"cannot reach the store: {exc}", path=self.target) from exc
+        if is_object:
+            raise CheckpointWriteError("exists and is not a folder; refusing to replace an object", path=self.target)
+        return self
+
+    def commit(self, records: Iterable[FileRecord], manifest_extra: dict[str, Any] | None = None) -> None:
+        from ckptio.storage.manifest import Manifest
+
+        files = {rec.name: rec for rec in records}
+        # The manifest goes after every file it lists, so even the version folder is never half-described.
+        self.writer.write(MANIFEST, [Manifest(files, dict(manifest_extra or {})).to_bytes()])
+        body = {"format": MARKER_FORMAT, "format_version": MARKER_VERSION, "version": self.version, "files": len(files)}
+        commit_marker(self.fs, self.root, body)
+        prune_versions(self.fs, self.root, keep=self.version)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.fs.rm(_join(self.root, self.version), recursive=True)
+
+
+class RemoteFileCommit(Commit):
+    """A one-file save on an object store: one object, visible only once its upload completes
+    (a failed multipart upload is aborted), so it needs no marker."""
+
+    def __init__(self, url: str, *, token: str, storage_options=None) -> None:
+        _check_single_process(url)
+        self.target = url
+        fs, path = filesystem(url, storage_options)
+        parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+        self.fs, self.path = fs, path
+        self.writer = FsspecFileWriter(fs, parent)
+        self.file_name = name
+
+    def begin(self) -> RemoteFileCommit:
+        try:
+            is_folder = self.fs.isdir(self.path)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointWriteError(f"cannot reach the store: {exc}", path=self.target) from exc
+        if is_folder:
+            raise CheckpointWriteError("is a folder; pass a file path for shard=False", path=self.target)
+        return self
+
+    def commit(self, records=None, manifest_extra=None) -> None:
+        """Nothing left to do: the object appeared when its upload completed."""
+
+    def abort(self) -> None:
+        """Nothing to drop: a failed upload never becomes an object."""
 
 
 def commit_marker(fs, root: str, body: dict[str, Any]) -> None:
@@ -307,18 +337,6 @@ def _tmp_root() -> str | None:
 
 
 @contextlib.contextmanager
-def saving(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[str]:
-    """Yield a local path to save into; on success publish it to ``url`` (marker last)."""
-    _check_single_process(url)
-    with tempfile.TemporaryDirectory(prefix="ckptio-upload-", dir=_tmp_root()) as tmp:
-        local = Path(tmp) / url_basename(url)
-        yield str(local)
-        if not local.exists():
-            raise CheckpointWriteError("the save produced nothing to upload", path=url)
-        publish(local, url, storage_options=storage_options, quiet=quiet)
-
-
-@contextlib.contextmanager
 def loading(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[str]:
     """Yield a local copy of the committed checkpoint at ``url``; removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="ckptio-download-", dir=_tmp_root()) as tmp:
@@ -339,12 +357,12 @@ __all__ = [
     "RemoteCheckpoint",
     "commit_marker",
     "exists",
+    "RemoteFileCommit",
+    "RemoteFolderCommit",
     "fetch",
     "filesystem",
     "is_url",
     "loading",
-    "publish",
     "read_marker",
     "resolve",
-    "saving",
 ]

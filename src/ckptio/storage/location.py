@@ -1,49 +1,67 @@
-"""Where a checkpoint lives: a local path (the fast path) or an fsspec URL (``s3://``, ``memory://``).
+"""Where a checkpoint lives, decided once: a local path or an fsspec URL.
 
-The one question every entry point asks before touching a checkpoint is :func:`is_url`;
-local paths never import fsspec.
+Every save asks :func:`new_commit` for its commit strategy (rename on a filesystem, a commit
+marker on an object store) and every load reads through :func:`readable`, so no caller
+checks for URLs itself. ``file:///x`` is the local path ``/x``. Local paths never import
+fsspec.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
 
-T = TypeVar("T")
+from ckptio.storage.base import Commit
+from ckptio.storage.urls import is_url, join, local_path, url_basename
 
-# `C:\\x` is a Windows drive, not a URL scheme; schemes have at least two letters.
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
+__all__ = ["exists", "is_url", "join", "local_path", "new_commit", "normalize", "readable", "url_basename"]
 
 
-def is_url(checkpoint: str | os.PathLike | object) -> bool:
-    """True for ``scheme://...`` strings other than ``file://`` (which is plain local disk)."""
-    if not isinstance(checkpoint, str):
-        return False
-    return bool(_URL_RE.match(checkpoint)) and not checkpoint.lower().startswith("file://")
-
-
-def local_path(checkpoint: str | os.PathLike) -> str:
-    """``file:///x`` -> ``/x``; any other path unchanged."""
+def normalize(checkpoint: str | os.PathLike) -> str:
+    """The path as every layer below sees it: a URL unchanged, ``file://`` stripped, a path as text."""
     text = os.fspath(checkpoint)
-    return text[len("file://") :] if text.lower().startswith("file://") else text
+    return text if is_url(text) else local_path(text)
 
 
-def url_basename(url: str) -> str:
-    """The last component of a URL's path (``s3://b/run/model.safetensors`` -> ``model.safetensors``)."""
-    return url.rstrip("/").rsplit("/", 1)[-1] or "checkpoint"
+def new_commit(
+    checkpoint: str | os.PathLike, *, folder: bool, token: str, owns: Callable[[str], bool] | None = None
+) -> Commit:
+    """The commit of one save to ``checkpoint``: the same ``token`` on every rank gives the
+    same staging place. ``owns`` says which entries of an existing local folder the save
+    replaces (the rest are carried over)."""
+    target = normalize(checkpoint)
+    if is_url(target):
+        from ckptio.storage import fsspec_storage
+
+        cls = fsspec_storage.RemoteFolderCommit if folder else fsspec_storage.RemoteFileCommit
+        return cls(target, token=token)
+    from ckptio.storage import atomic
+
+    if not folder:
+        return atomic.FileCommit(target, token=token)
+    return atomic.FolderCommit(target, token=token, **({"owns": owns} if owns is not None else {}))
 
 
-def on_local_path(checkpoint: str, fn: Callable[[str], T], *, save: bool) -> T:
-    """Run ``fn(path)`` on ``checkpoint`` itself, or, for a URL, on a local copy.
-
-    A save writes the local copy and then uploads it with a commit marker written last; a
-    load downloads the committed version first (see :mod:`ckptio.storage.fsspec_storage`).
-    """
-    if not is_url(checkpoint):
-        return fn(checkpoint)
+@contextlib.contextmanager
+def readable(checkpoint: str | os.PathLike, *, quiet: bool = False) -> Iterator[str]:
+    """A local path to read ``checkpoint`` from: itself, or a downloaded copy of the version a
+    URL's commit marker names (removed afterwards)."""
+    target = normalize(checkpoint)
+    if not is_url(target):
+        yield target
+        return
     from ckptio.storage import fsspec_storage
 
-    with (fsspec_storage.saving if save else fsspec_storage.loading)(checkpoint) as local:
-        return fn(local)
+    with fsspec_storage.loading(target, quiet=quiet) as local:
+        yield local
+
+
+def exists(checkpoint: str | os.PathLike) -> bool:
+    """Whether something is at ``checkpoint`` (for a URL: a committed checkpoint or an object)."""
+    target = normalize(checkpoint)
+    if not is_url(target):
+        return os.path.lexists(target)
+    from ckptio.storage import fsspec_storage
+
+    return fsspec_storage.exists(target)

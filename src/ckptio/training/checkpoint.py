@@ -10,11 +10,10 @@
         rng_state/rank_00000.json   one per rank: Python, NumPy, torch CPU and CUDA RNG states
         ckptio_manifest.json    sizes and checksums of everything above
 
-Everything is staged in one hidden sibling folder and committed at once (one
-``FolderCommit``), so a crash mid-save leaves the previous checkpoint as it was. Every rank
-calls :func:`save_checkpoint`; the plugin's CheckpointIO decides who writes model and
-optimizer files (``_write_*_into`` hooks), the master writes the shared files, and every
-rank writes its own RNG file.
+Everything is one save of parts (:mod:`ckptio.engine.save`) committed at once, so a crash
+mid-save leaves the previous checkpoint as it was. Every rank calls :func:`save_checkpoint`;
+the plugin's CheckpointIO makes the model and optimizer parts (who writes which file), the
+master writes the shared files, and every rank writes its own RNG file.
 """
 
 from __future__ import annotations
@@ -22,28 +21,28 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ckptio.checkpoint_io.distributed_resume import warn_if_world_size_changed
-from ckptio.checkpoint_io.model_files import MiB, ModelSaveOptions
-from ckptio.checkpoint_io.optimizer_files import OptimizerSaveOptions
-from ckptio.checkpoint_io.optimizer_state import register_model
 from ckptio.cluster import DistCoordinator
-from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError
+from ckptio.engine.group import Group
+from ckptio.engine.save import FilesPart
+from ckptio.errors import CheckpointFormatError
 from ckptio.formats import naming
 from ckptio.formats.hf_index import read_json_file
-from ckptio.planning.collectives import Group, collective_step
+from ckptio.layouts.detect import detect
+from ckptio.layouts.model import MiB, ModelSaveOptions
+from ckptio.layouts.optimizer import OptimizerSaveOptions
+from ckptio.state.optimizer import register_model
 from ckptio.storage import atomic
-from ckptio.storage.location import is_url
+from ckptio.storage.location import is_url, join, normalize, readable
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
 from ckptio.training import rng
+from ckptio.training.resume import warn_if_world_size_changed
 
 FORMAT = "ckptio-training"
 FORMAT_VERSION = 1
@@ -53,17 +52,8 @@ LR_SCHEDULER_FILE = naming.TRAINING_LR_SCHEDULER
 RUNNING_STATES = naming.RUNNING_STATES
 
 
-def checkpoint_name(epoch: int, step: int) -> str:
-    return f"epoch-{epoch}_step-{step}"
-
-
-_CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)_step-(\d+)$")
-
-
-def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
-    """``(epoch, step)`` of a folder named by :func:`checkpoint_name`, or None for any other name."""
-    match = _CHECKPOINT_NAME.match(name)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+checkpoint_name = naming.checkpoint_name
+parse_checkpoint_name = naming.parse_checkpoint_name
 
 
 def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:
@@ -115,17 +105,6 @@ def save_checkpoint(
     and committed in the background (``booster.wait()`` makes it durable). Returns the path.
     """
     epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
-    if is_url(save_dir):  # object store: build the folder locally, upload it, commit marker last (synchronous)
-        from ckptio.storage.fsspec_storage import saving
-
-        url = f"{os.fspath(save_dir).rstrip('/')}/{checkpoint_name(epoch, step)}"
-        with saving(url) as local:
-            save_checkpoint(
-                Path(local).parent, booster, model, optimizer, lr_scheduler, epoch, step, batch_size, coordinator,
-                sampler=sampler, size_per_shard=size_per_shard, use_safetensors=use_safetensors,
-                extra_states=extra_states,
-            )  # fmt: skip
-        return url
     coordinator = coordinator or DistCoordinator()
     group = Group(getattr(coordinator, "group", None))
     io = booster.checkpoint_io
@@ -151,70 +130,17 @@ def save_checkpoint(
         running["extra_states"] = extra_states
     running_bytes = (json.dumps(running, indent=4) + "\n").encode("utf-8")
 
-    target = Path(save_dir) / checkpoint_name(epoch, step)
-    if use_async:
-        from ckptio.async_io.checkpoint_job import CheckpointParts, submit_in_background
-
-        parts = CheckpointParts(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            model_opts=model_opts,
-            optim_opts=optim_opts,
-            model_dir=MODEL_DIR,
-            optimizer_dir=OPTIMIZER_DIR,
-            lr_scheduler_name=LR_SCHEDULER_FILE,
-            own_files={rng.rng_file_name(group.rank): rng.rng_state_bytes(group.rank)},
-            master_files={RUNNING_STATES: running_bytes},
-            manifest_extra=_layout_extra(io),
-        )
-        if submit_in_background(io, target, parts, group.size):  # booster.wait() makes it durable
-            return target
-
-    def write(writer) -> list:
-        records = list(io._write_model_into(writer, MODEL_DIR, model, model_opts))
-        if optimizer is not None:
-            records += io._write_optimizer_into(writer, OPTIMIZER_DIR, optimizer, optim_opts)
-        if lr_scheduler is not None:
-            records += io._write_lr_scheduler_into(writer, LR_SCHEDULER_FILE, lr_scheduler)
-        records.append(writer.write(rng.rng_file_name(group.rank), [rng.rng_state_bytes(group.rank)]))
-        if group.rank == 0:
-            records.append(writer.write(RUNNING_STATES, [running_bytes]))
-        return records
-
-    commit_collectively(target, group, write, _layout_extra(io))
-    return target
-
-
-def commit_collectively(
-    target: Path, group: Group, write: Callable[[Any], list], manifest_extra: dict[str, Any] | None
-) -> None:
-    """Every rank of ``group`` writes its files (``write(writer)``) into one staging folder; the
-    master commits it with every rank's records, or removes it when any rank failed."""
-    token = group.broadcast_object(atomic.new_token() if group.rank == 0 else None)
-    commit = atomic.FolderCommit(target, token=token)
-    collective_step(group, f"starting checkpoint {target}", lambda: commit.begin() if group.rank == 0 else None)
-    try:
-        per_rank = collective_step(group, f"writing checkpoint {target}", lambda: write(commit.writer), gather=True)
-        collective_step(
-            group,
-            f"committing checkpoint {target}",
-            lambda: (
-                commit.commit([r for recs in per_rank for r in recs], manifest_extra=manifest_extra)
-                if group.rank == 0
-                else None
-            ),
-        )
-    except BaseException:
-        if group.rank == 0:
-            commit.abort()
-        raise
-
-
-def _layout_extra(io: Any) -> dict[str, Any] | None:
-    """How the saving job was laid out (plugin, mesh), for inspection; loading never needs it to match."""
-    extra = getattr(io, "_manifest_extra", None)
-    return extra() if callable(extra) else None
+    target = join(normalize(save_dir), checkpoint_name(epoch, step))
+    parts = [io.model_part(model, model_opts, subdir=MODEL_DIR)]
+    if optimizer is not None:
+        parts.append(io.optimizer_part(optimizer, optim_opts, subdir=OPTIMIZER_DIR))
+    if lr_scheduler is not None:
+        parts.append(io.lr_scheduler_part(lr_scheduler, LR_SCHEDULER_FILE))
+    parts.append(FilesPart({rng.rng_file_name(group.rank): rng.rng_state_bytes(group.rank)}, master_only=False))
+    parts.append(FilesPart({RUNNING_STATES: running_bytes}, master_only=True))
+    # use_async: booster.wait() makes it durable
+    io.save_parts(target, parts, folder=True, group=group, use_async=use_async, what=f"training checkpoint {target}")
+    return target if is_url(target) else Path(save_dir) / checkpoint_name(epoch, step)
 
 
 def load_checkpoint(
@@ -236,23 +162,18 @@ def load_checkpoint(
     and ``sampler``'s state when given and saved. ``verify=True`` checks every file's
     checksum against the manifest first. Every rank calls it.
     """
-    if is_url(load_dir):  # object store: download the committed version, load the local copy
-        from ckptio.storage.fsspec_storage import loading
+    with readable(load_dir) as local:
+        return _load_checkpoint(
+            Path(local), booster, model, optimizer, lr_scheduler,
+            sampler=sampler, strict=strict, verify=verify, restore_rng=restore_rng,
+        )  # fmt: skip
 
-        with loading(os.fspath(load_dir)) as local:
-            return load_checkpoint(
-                local, booster, model, optimizer, lr_scheduler,
-                sampler=sampler, strict=strict, verify=verify, restore_rng=restore_rng,
-            )  # fmt: skip
-    load_dir = Path(load_dir)
-    if not load_dir.exists():
-        atomic.recover(load_dir)
+
+def _load_checkpoint(
+    load_dir: Path, booster, model, optimizer, lr_scheduler, *, sampler, strict, verify, restore_rng
+) -> tuple[int, int, int]:
+    detect(load_dir, "training")  # a folder left aside by a crash is put back; a non-checkpoint is refused
     running_path = load_dir / RUNNING_STATES
-    if not running_path.is_file():
-        raise CheckpointNotFoundError(
-            f"{RUNNING_STATES} is missing: not a complete training checkpoint (pass the epoch-E_step-S folder)",
-            path=load_dir,
-        )
     running = load_json(running_path)
     try:
         epoch, step, start = (_check_int(k, running[k]) for k in ("epoch", "step", "sample_start_index"))
@@ -288,7 +209,7 @@ def load_checkpoint(
                 f"{rng_path}: RNG state file is missing; random streams keep their current state, "
                 "so the resumed run will not repeat the uninterrupted one exactly",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
     warn_if_world_size_changed(running, DistCoordinator().world_size, where=str(load_dir))
     return epoch, step, start

@@ -16,15 +16,12 @@ from typing import Any
 import torch
 
 from ckptio.errors import CheckpointFormatError
+from ckptio.formats import naming
 
 FORMAT = "ckptio-rng"
 FORMAT_VERSION = 1
-FOLDER = "rng_state"
-
-
-def rng_file_name(rank: int) -> str:
-    """The per-rank file inside a training checkpoint: ``rng_state/rank_00000.json``."""
-    return f"{FOLDER}/rank_{rank:05d}.json"
+FOLDER = naming.RNG_DIR
+rng_file_name = naming.rng_file_name
 
 
 def _b64(tensor: torch.Tensor) -> str:

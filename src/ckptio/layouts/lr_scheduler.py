@@ -1,7 +1,7 @@
 """LR scheduler state to a file and back.
 
 The file is JSON (``{"format": "ckptio-lr-scheduler", "format_version": 1, "state": ...}``,
-values in :mod:`ckptio.checkpoint_io.optimizer_json`'s tagged form) when every value of the
+values in :mod:`ckptio.formats.tagged_json`'s tagged form) when every value of the
 ``state_dict()`` allows it, which covers torch's schedulers (LambdaLR's ``lr_lambdas`` are
 ``None`` or plain dicts; SequentialLR / ChainedScheduler nest their schedulers' dicts). It is
 a ``torch.save`` file otherwise, or when the path ends in ``.pt``, ``.pth`` or ``.bin``.
@@ -11,56 +11,37 @@ file ColossalAI writes (read with ``weights_only=True``).
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-from ckptio.checkpoint_io import optimizer_json
-from ckptio.errors import CheckpointFormatError
-from ckptio.formats import torch_format
+from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError
+from ckptio.formats import tagged_json, torch_format
 from ckptio.formats.hf_index import read_json_file
-from ckptio.storage import atomic
-from ckptio.storage.base import FileRecord, FileWriter
 
 FORMAT = "ckptio-lr-scheduler"
 FORMAT_VERSION = 1
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-def scheduler_bytes(state: dict[str, Any], *, prefer_torch: bool = False) -> tuple[bytes | None, dict | None]:
-    """``(json_bytes, None)`` when the state has an exact JSON form, else ``(None, state)``."""
+def scheduler_file_bytes(state: dict[str, Any], *, prefer_torch: bool = False) -> bytes:
+    """The file for a scheduler's ``state_dict()``: our JSON when every value has an exact JSON
+    form (and ``prefer_torch`` is False), else a ``torch.save`` file."""
     if not prefer_torch:
         try:
-            body = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": optimizer_json.encode(state)}
-            return (json.dumps(body, indent=1) + "\n").encode("utf-8"), None
-        except optimizer_json.NotJSONable:
+            body = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": tagged_json.encode(state)}
+            return (json.dumps(body, indent=1) + "\n").encode("utf-8")
+        except tagged_json.NotJSONable:
             pass
-    return None, state
+    buffer = io.BytesIO()
+    torch_format.save(state, buffer)
+    return buffer.getvalue()
 
 
-def write_lr_scheduler(writer: FileWriter, name: str, lr_scheduler: Any) -> FileRecord:
-    """Write the scheduler's state into ``writer`` as ``name``."""
-    data, state = scheduler_bytes(lr_scheduler.state_dict(), prefer_torch=name.lower().endswith(TORCH_SUFFIXES))
-    if data is not None:
-        return writer.write(name, [data])
-    with writer.open_stream(name) as stream:
-        torch_format.save(state, stream)
-    return stream.record
-
-
-def save_lr_scheduler_state(lr_scheduler: Any, checkpoint: str | os.PathLike) -> Path:
-    commit = atomic.FileCommit(checkpoint).begin()
-    with atomic.aborting_on_error(commit):
-        prefer_torch = os.fspath(checkpoint).lower().endswith(TORCH_SUFFIXES)
-        data, state = scheduler_bytes(lr_scheduler.state_dict(), prefer_torch=prefer_torch)
-        if data is not None:
-            record = commit.writer.write(commit.staging_name, [data])
-        else:
-            with commit.writer.open_stream(commit.staging_name) as stream:
-                torch_format.save(state, stream)
-            record = stream.record
-        return commit.commit(record)
+def prefers_torch(name: str | os.PathLike) -> bool:
+    """A path ending in ``.pt``/``.pth``/``.bin`` asks for a torch file."""
+    return os.fspath(name).lower().endswith(TORCH_SUFFIXES)
 
 
 def read_lr_scheduler_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -70,8 +51,6 @@ def read_lr_scheduler_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
         with open(path, "rb") as fh:
             head = fh.read(64).lstrip()
     except FileNotFoundError:
-        from ckptio.errors import CheckpointNotFoundError
-
         raise CheckpointNotFoundError("LR scheduler file does not exist", path=path) from None
     except IsADirectoryError:
         raise CheckpointFormatError("expected an LR scheduler file, found a folder", path=path) from None
@@ -83,7 +62,7 @@ def read_lr_scheduler_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise CheckpointFormatError(f"LR scheduler format_version {version!r} is not supported", path=path)
         try:
-            return optimizer_json.decode(data["state"])
+            return tagged_json.decode(data["state"])
         except ValueError as exc:
             raise CheckpointFormatError(f"malformed LR scheduler state: {exc}", path=path) from exc
     state = torch_format.load(path)
@@ -92,8 +71,8 @@ def read_lr_scheduler_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def load_lr_scheduler_state(lr_scheduler: Any, checkpoint: str | os.PathLike) -> None:
-    state = read_lr_scheduler_state(checkpoint)
+def check_lr_scheduler_state(lr_scheduler: Any, state: dict[str, Any], checkpoint: str | os.PathLike) -> None:
+    """Refuse a state that is not this scheduler's, before anything changes."""
     # torch's schedulers take any dict (``__dict__.update``): refuse one that lacks this
     # scheduler's public settings (another scheduler's state, or not a scheduler's at all).
     # Private keys (``_is_initial``, ...) come and go between torch versions, so they may differ.
@@ -103,7 +82,16 @@ def load_lr_scheduler_state(lr_scheduler: Any, checkpoint: str | os.PathLike) ->
         raise CheckpointFormatError(
             f"not a state of {type(lr_scheduler).__name__}: it lacks {missing}", path=checkpoint
         )
+
+
+def apply_lr_scheduler_state(lr_scheduler: Any, state: dict[str, Any], checkpoint: str | os.PathLike) -> None:
     try:
         lr_scheduler.load_state_dict(state)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise CheckpointFormatError(f"the LR scheduler refused the saved state: {exc}", path=checkpoint) from exc
+
+
+def load_lr_scheduler_state(lr_scheduler: Any, checkpoint: str | os.PathLike) -> None:
+    state = read_lr_scheduler_state(checkpoint)
+    check_lr_scheduler_state(lr_scheduler, state, checkpoint)
+    apply_lr_scheduler_state(lr_scheduler, state, checkpoint)

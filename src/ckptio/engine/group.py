@@ -1,4 +1,9 @@
-"""Collective steps that survive a failing rank.
+"""The ranks of a save or load, and collective steps that survive a failing rank.
+
+A :class:`Group` is the process group a checkpoint operation runs on. ``Group.of_one()`` is a
+private world of one: it never talks to other ranks even when a process group exists, so a
+call made on the master alone (``if rank == 0: booster.save_model(...)`` with a plugin-less
+Booster) runs the same engine as a real multi-rank save without waiting for peers.
 
 Every step of a multi-rank save or load that can fail locally (planning, opening files,
 writing, committing) runs inside :func:`collective_step`: the local exception is caught,
@@ -27,13 +32,28 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Group:
-    """The ranks taking part in a checkpoint operation (``group=None``: the default group)."""
+    """The ranks taking part in a checkpoint operation (``group=None``: the default group;
+    ``solo=True``: this process alone, whatever process groups exist)."""
 
     group: Any = None
+    solo: bool = False
+
+    @classmethod
+    def of_one(cls) -> Group:
+        """A private world of one: rank 0 of 1, every collective a local no-op."""
+        return cls(None, solo=True)
 
     @property
     def active(self) -> bool:
+        """Whether collectives really talk to other ranks (False for a world of one)."""
+        if self.solo:
+            return False
         return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
+
+    @property
+    def is_default(self) -> bool:
+        """Whether this is the default (world) group, the only one every rank can build a sibling of."""
+        return not self.solo and self.group in (None, dist.group.WORLD)
 
     @property
     def rank(self) -> int:

@@ -1,5 +1,4 @@
-"""Which part of a full tensor a rank holds, how an owner collects the parts, and how a
-rank reads only its part from a file.
+"""Which part of a full tensor a rank holds, and how the writer of a file collects the parts.
 
 Generic over DTensor layouts: any mesh shape, ``Shard(dim)`` on any dimension (uneven
 too), ``Replicate``, and ``Partial`` (reduced first). A rank's part is a box
@@ -12,26 +11,20 @@ not one box fall back to ``full_tensor()`` / slicing a full read, correct but mo
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ckptio.formats import safetensors_format
-from ckptio.formats.safetensors_format import TensorInfo, tensor_bytes
-from ckptio.planning.collectives import Group, peer_failure
+from ckptio.engine.group import Group, peer_failure
 
 try:  # torch >= 2.4 exposes the public DTensor module
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # pragma: no cover (very old torch)
     DTensor = None  # type: ignore[assignment,misc]
-
-_RUN_BYTES = 4096  # strided runs shorter than this are read as whole rows instead (fewer syscalls)
-_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 def is_dtensor(t: object) -> bool:
@@ -118,6 +111,16 @@ class StagedPart:
     region: Region
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A full tensor that is read only when its file is written (``convert`` streams a source
+    checkpoint this way): dtype and shape are known up front, ``load()`` returns the tensor."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+
 def can_stage_parts(state: dict[str, torch.Tensor]) -> bool:
     """Whether every DTensor of ``state`` holds one box per rank and no pending reduction,
     which is what a background save needs (anything else takes collectives on the mesh)."""
@@ -154,6 +157,8 @@ def local_region(t: torch.Tensor) -> Region:
     if isinstance(t, StagedPart):
         return t.region
     full = tuple(int(d) for d in t.shape)
+    if isinstance(t, Deferred):
+        return Region((0,) * len(full), full)
     if not is_dtensor(t):
         return Region((0,) * len(full), full)
     if t.device_mesh.get_coordinate() is None:  # this rank is outside the tensor's mesh
@@ -179,12 +184,15 @@ def sources(regions: list[Region]) -> list[tuple[int, Region]]:
     return [(rank, regions[rank]) for rank in sorted(seen.values())]
 
 
-def gather_full(t: torch.Tensor, regions: list[Region], owner: int, group: Group) -> torch.Tensor | None:
+def gather_full(t, regions: list[Region], owner: int, group: Group) -> torch.Tensor | Deferred | None:
     """Collect the full CPU tensor on ``owner`` from the boxes the ranks hold; ``None``
     elsewhere. Every rank of ``group`` must call this for the same tensor in the same order.
 
-    Point-to-point: each distinct box travels once, from its lowest holder to the owner.
+    Point-to-point: each distinct box travels once, from its lowest holder to the owner. A
+    :class:`Deferred` tensor is handed on unread; the file writer loads it.
     """
+    if isinstance(t, Deferred):
+        return t if group.rank == owner else None
     with peer_failure(f"sending a tensor to rank {owner}, which writes it"):
         return _gather_full(t, regions, owner, group)
 
@@ -224,107 +232,3 @@ def _gather_full(t: torch.Tensor, regions: list[Region], owner: int, group: Grou
     for region, buf in received:
         out[region.index()].copy_(buf.cpu())
     return out
-
-
-# ------------------------------------------------------------------------- reading boxes
-
-
-def _strides(shape: tuple[int, ...]) -> list[int]:
-    strides, acc = [1] * len(shape), 1
-    for d in range(len(shape) - 1, -1, -1):
-        strides[d] = acc
-        acc *= shape[d]
-    return strides
-
-
-def _pread_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            from ckptio.errors import CheckpointCorruptError
-
-            raise CheckpointCorruptError(f"file ends before byte {offset + len(view)}", path=path)
-        done += n
-
-
-def read_safetensors_box(path: str, fd: int, info: TensorInfo, region: Region, out: torch.Tensor) -> None:
-    """Fill ``out`` (contiguous CPU, ``region.shape``) with the box, reading only its bytes
-    when its contiguous runs are long, else whole rows of the box's dim-0 range in blocks."""
-    shape = info.shape
-    if not region.numel:
-        return
-    if not shape:
-        _pread_exact(fd, tensor_bytes(out), info.start, path)
-        return
-    # k: the last dimension that is cut; dims after it are whole, so runs span dims k..end.
-    k = 0
-    for d in range(len(shape) - 1, -1, -1):
-        if region.shape[d] != shape[d]:
-            k = d
-            break
-    strides = _strides(shape)
-    item = info.dtype.itemsize
-    run_elems = region.shape[k] * strides[k]
-    n_runs = math.prod(region.shape[:k])
-    dest = tensor_bytes(out)
-    if n_runs == 1 or run_elems * item >= _RUN_BYTES:
-        run_bytes = run_elems * item
-        for i, idx in enumerate(
-            itertools.product(*(range(o, o + s) for o, s in zip(region.offset[:k], region.shape[:k])))
-        ):
-            elem = sum(a * b for a, b in zip(idx, strides[:k])) + region.offset[k] * strides[k]
-            _pread_exact(fd, dest[i * run_bytes : (i + 1) * run_bytes], info.start + elem * item, path)
-        return
-    # Short runs: read the dim-0 rows of the box in bounded blocks and slice them.
-    row_bytes = strides[0] * item
-    rows_per_block = max(1, _BLOCK_BYTES // max(1, row_bytes))
-    inner = tuple(slice(o, o + s) for o, s in zip(region.offset[1:], region.shape[1:]))
-    start_row, stop_row = region.offset[0], region.offset[0] + region.shape[0]
-    for row in range(start_row, stop_row, rows_per_block):
-        end = min(stop_row, row + rows_per_block)
-        block = torch.empty((end - row, *shape[1:]), dtype=info.dtype)
-        _pread_exact(fd, tensor_bytes(block), info.start + row * row_bytes, path)
-        out[row - start_row : end - start_row].copy_(block[(slice(None), *inner)])
-
-
-class BoxReader:
-    """One weights file opened to read boxes of its tensors (safetensors: only their
-    bytes; ``.bin``: through an mmap'd ``weights_only`` load)."""
-
-    def __init__(self, path) -> None:
-        from ckptio.checkpoint_io.model_files import WeightsFile, is_safetensors_file
-
-        self.path = str(path)
-        self._st = safetensors_format.SafetensorsReader.open(path) if is_safetensors_file(path) else None
-        self._fd = os.open(self.path, os.O_RDONLY) if self._st is not None else None
-        self._weights = None if self._st is not None else WeightsFile(path)
-
-    def shapes(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        if self._st is not None:
-            return {k: (i.dtype, i.shape) for k, i in self._st.tensors.items()}
-        return self._weights.shapes()
-
-    def read_box(self, key: str, region: Region, dest: torch.Tensor) -> None:
-        """Copy the box ``region`` of tensor ``key`` into ``dest`` (shape ``region.shape``)."""
-        if self._st is not None:
-            direct = dest.device.type == "cpu" and dest.is_contiguous() and type(dest) is torch.Tensor
-            out = dest if direct else torch.empty(region.shape, dtype=dest.dtype)
-            read_safetensors_box(self.path, self._fd, self._st.info(key), region, out)
-            if not direct:
-                dest.copy_(out)
-            return
-        full = self._weights.read(key)
-        dest.copy_(full[region.index()] if full.dim() else full)
-
-    def read_full(self, key: str) -> torch.Tensor:
-        if self._st is not None:
-            return self._st.read(key)
-        return self._weights.read(key)
-
-    def close(self) -> None:
-        if self._st is not None:
-            self._st.close()
-            os.close(self._fd)
-        else:
-            self._weights.close()

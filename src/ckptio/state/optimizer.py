@@ -31,10 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptio.checkpoint_io import optimizer_json
-from ckptio.checkpoint_io.model_state import clean_key, unwrap_model
 from ckptio.errors import CheckpointFormatError, StateMismatchError
-from ckptio.formats import dtypes
+from ckptio.formats import dtypes, tagged_json
+from ckptio.state.model import clean_key, unwrap_model
 
 FORMAT = "ckptio-optimizer"
 FORMAT_VERSION = 1
@@ -134,8 +133,8 @@ def flatten_optimizer_state(
 
 def _encode_or_raise(value: Any, where: str) -> Any:
     try:
-        return optimizer_json.encode(value, where)
-    except optimizer_json.NotJSONable as exc:
+        return tagged_json.encode(value, where)
+    except tagged_json.NotJSONable as exc:
         raise CheckpointFormatError(
             f"optimizer {exc}; the ckptio format keeps only tensors, numbers, strings, lists, tuples "
             "and dicts. Save with shard=False (a torch file) for other values."
@@ -192,7 +191,7 @@ def saved_from_description(desc: Any, *, path: str | None = None) -> SavedOptimi
         for group in groups:
             if not isinstance(group, dict) or not isinstance(group.get("params"), list):
                 raise CheckpointFormatError("every param group needs a 'params' list", path=path)
-            body = optimizer_json.decode({k: v for k, v in group.items() if k != "params"})
+            body = tagged_json.decode({k: v for k, v in group.items() if k != "params"})
             body["params"] = [str(p) for p in group["params"]]
             parsed_groups.append(body)
         parsed_state: dict[str, dict[str, Any]] = {}
@@ -203,7 +202,7 @@ def saved_from_description(desc: Any, *, path: str | None = None) -> SavedOptimi
                 s: (
                     TensorRef.from_json(v["__ref__"], path=path)
                     if isinstance(v, dict) and set(v) == {"__ref__"}
-                    else optimizer_json.decode(v)
+                    else tagged_json.decode(v)
                 )
                 for s, v in entries.items()
             }

@@ -11,61 +11,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptio.checkpoint_io.model_files import WeightsFile, locate_model
+from ckptio.engine.reader import TensorFile
 from ckptio.errors import CheckpointError
 from ckptio.formats import safetensors_format
-from ckptio.formats.naming import TMP_MARK
+from ckptio.formats.hf_index import read_json_file
+from ckptio.formats.naming import (
+    RNG_DIR,
+    RUNNING_STATES,
+    TMP_MARK,
+    TRAINING_LR_SCHEDULER,
+    TRAINING_MODEL_DIR,
+    TRAINING_OPTIMIZER_DIR,
+)
+from ckptio.layouts.detect import Located, detect, training_checkpoints_in
+from ckptio.layouts.lr_scheduler import read_lr_scheduler_state
+from ckptio.layouts.optimizer import read_saved
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import file_checksum
-from ckptio.training.checkpoint import (
-    LR_SCHEDULER_FILE,
-    MODEL_DIR,
-    OPTIMIZER_DIR,
-    RUNNING_STATES,
-    parse_checkpoint_name,
-)
-from ckptio.training.rng import FOLDER as RNG_DIR
 
 Report = tuple[list[str], list[str]]
-
-
-def locate_sharded_optimizer(path: str | Path):
-    """The located optimizer checkpoint when ``path`` is a sharded one (ckptio or ColossalAI layout), else None.
-
-    A single ``.bin`` is read as model weights; ``ckptio verify``/``inspect`` of a single
-    optimizer file therefore reports it as a model file that is not a flat tensor dict.
-    """
-    from ckptio.checkpoint_io.optimizer_files import locate_optimizer
-
-    try:
-        located = locate_optimizer(str(path))
-    except CheckpointError:
-        return None
-    return located if located.layout != "torch" else None
-
-
-def optimizer_files(located) -> list[str]:
-    from ckptio.formats.hf_index import read_index
-
-    index = read_index(located.path)
-    files = [located.path.name, *index.shard_files]
-    group_file = index.metadata.get("param_groups")
-    if isinstance(group_file, str):
-        files.append(group_file)
-    return files
-
-
-def is_training_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / RUNNING_STATES).is_file()
-
-
-def training_checkpoints_in(path: str | Path) -> list[Path]:
-    """The ``epoch-E_step-S`` folders directly inside ``path`` (a run's save_dir), by epoch then step."""
-    folder = Path(path)
-    if not folder.is_dir() or is_training_checkpoint(folder):
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and parse_checkpoint_name(p.name) is not None]
-    return sorted(found, key=lambda p: parse_checkpoint_name(p.name))
 
 
 def verify_manifest(folder: Path, checksums: bool, ok: list[str], problems: list[str]) -> None:
@@ -91,77 +55,75 @@ def verify_manifest(folder: Path, checksums: bool, ok: list[str], problems: list
         ok.append("no ckptio manifest (written by another tool): checking headers and index only")
 
 
-def verify_optimizer(located, checksums: bool, *, manifest: bool = True) -> Report:
-    from ckptio.checkpoint_io.optimizer_files import read_saved_optimizer
-
+def verify_optimizer(located: Located, checksums: bool, *, manifest: bool = True) -> Report:
     ok: list[str] = []
     problems: list[str] = []
     if manifest:
-        verify_manifest(located.path.parent, checksums, ok, problems)
+        verify_manifest(located.folder, checksums, ok, problems)
     try:
-        _, reader = read_saved_optimizer(located)  # parses index, groups and (ColossalAI) every shard
+        # parses the index and groups (ColossalAI's and torch files: every tensor); sizes checked, checksums above
+        _, weight_map = read_saved(located, verify=False)
     except CheckpointError as exc:
         problems.append(str(exc))
         return ok, problems
-    if reader is None:
-        ok.append(f"{located.path.name}: {located.layout} layout readable, every index entry in its shard")
+    if weight_map is None:
+        ok.append(f"{located.entry}: {located.layout} layout readable, every entry present")
         return ok, problems
-    try:
-        by_file: dict[str, list[str]] = {}
-        for key, name in reader.weight_map.items():
-            by_file.setdefault(name, []).append(key)
-        for name, keys in by_file.items():
-            try:
-                with safetensors_format.SafetensorsReader.open(located.path.parent / name) as st:
-                    absent = [k for k in keys if k not in st.tensors]
-            except CheckpointError as exc:
-                problems.append(f"{name}: {exc}")
-                continue
-            if absent:
-                problems.append(f"{name}: {len(absent)} index entries not in this shard, e.g. {absent[:3]}")
-            else:
-                ok.append(f"{name}: header readable, all {len(keys)} index entries present")
-    finally:
-        reader.close()
+    by_file: dict[str, list[str]] = {}
+    for key, name in weight_map.items():
+        by_file.setdefault(name, []).append(key)
+    for name, keys in by_file.items():
+        try:
+            with safetensors_format.SafetensorsReader.open(located.folder / name) as st:
+                absent = [k for k in keys if k not in st.tensors]
+        except CheckpointError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        if absent:
+            problems.append(f"{name}: {len(absent)} index entries not in this shard, e.g. {absent[:3]}")
+        else:
+            ok.append(f"{name}: header readable, all {len(keys)} index entries present")
     return ok, problems
 
 
-def verify_model(path: str | Path, checksums: bool, *, manifest: bool = True) -> Report:
+def verify_model(located: Located, checksums: bool, *, manifest: bool = True) -> Report:
     ok: list[str] = []
     problems: list[str] = []
-    try:
-        ck = locate_model(str(path))
-    except CheckpointError as exc:
-        return ok, [str(exc)]
     if manifest:
-        verify_manifest(ck.folder, checksums, ok, problems)
+        verify_manifest(located.folder, checksums, ok, problems)
     held: dict[str, set[str]] = {}
-    for name in ck.files:
-        file = ck.folder / name
+    for name in located.weight_files:
+        file = located.folder / name
         if not file.is_file():
             problems.append(f"{name}: named by the index but missing")
             continue
         try:
-            weights = WeightsFile(file)
-            try:
-                held[name] = set(weights.shapes())
-            finally:
-                weights.close()
+            with TensorFile(file) as tf:
+                held[name] = set(tf.shapes())
             ok.append(f"{name}: header readable, {len(held[name])} tensors")
         except CheckpointError as exc:
             problems.append(f"{name}: {exc}")
-    if ck.index is not None:
-        index_name = Path(ck.index.path).name
-        missing = [k for k, f in ck.index.weight_map.items() if f in held and k not in held[f]]
+    index = located.index
+    if index is not None:
+        index_name = Path(index.path).name
+        missing = [k for k, f in index.weight_map.items() if f in held and k not in held[f]]
         if missing:
             problems.append(f"{index_name}: {len(missing)} index entries not in their shard, e.g. {missing[:3]}")
-        listed = set(ck.index.weight_map)
+        listed = set(index.weight_map)
         extra = sorted(k for keys in held.values() for k in keys if k not in listed)
         if extra:
             problems.append(f"{index_name}: {len(extra)} tensors in shards but not in the index, e.g. {extra[:3]}")
         if not missing and not extra:
             ok.append(f"{index_name}: all {len(listed)} entries present in their shards")
     return ok, problems
+
+
+def verify_lr_scheduler(located: Located, checksums: bool) -> Report:
+    try:
+        read_lr_scheduler_state(located.entry_path)
+    except CheckpointError as exc:
+        return [], [str(exc)]
+    return [f"{located.entry}: LR scheduler state readable ({located.layout})"], []
 
 
 def _prefixed(prefix: str, report: Report, ok: list[str], problems: list[str]) -> None:
@@ -171,9 +133,6 @@ def _prefixed(prefix: str, report: Report, ok: list[str], problems: list[str]) -
 
 def verify_training_checkpoint(folder: Path, checksums: bool) -> Report:
     """One ``epoch-E_step-S`` folder: its manifest (every file, every subfolder), then each part parsed."""
-    from ckptio.checkpoint_io.lr_scheduler_files import read_lr_scheduler_state
-    from ckptio.formats.hf_index import read_json_file
-
     ok: list[str] = []
     problems: list[str] = []
     verify_manifest(folder, checksums, ok, problems)
@@ -189,20 +148,25 @@ def verify_training_checkpoint(folder: Path, checksums: bool) -> Report:
             ok.append(f"{RUNNING_STATES}: epoch {fields['epoch']}, step {fields['step']}")
     except CheckpointError as exc:
         problems.append(str(exc))
-    if (folder / MODEL_DIR).is_dir():
-        _prefixed(MODEL_DIR, verify_model(folder / MODEL_DIR, checksums, manifest=False), ok, problems)
-    else:
-        problems.append(f"{MODEL_DIR}/: missing (every training checkpoint has the model)")
-    if (folder / OPTIMIZER_DIR).is_dir():
-        located = locate_sharded_optimizer(folder / OPTIMIZER_DIR)
-        if located is None:
-            problems.append(f"{OPTIMIZER_DIR}/: no optimizer index in this folder")
-        else:
-            _prefixed(OPTIMIZER_DIR, verify_optimizer(located, checksums, manifest=False), ok, problems)
-    if (folder / LR_SCHEDULER_FILE).is_file():
+    model_dir, optimizer_dir = folder / TRAINING_MODEL_DIR, folder / TRAINING_OPTIMIZER_DIR
+    if model_dir.is_dir():
         try:
-            read_lr_scheduler_state(folder / LR_SCHEDULER_FILE)
-            ok.append(f"{LR_SCHEDULER_FILE}: readable")
+            report = verify_model(detect(model_dir, "model"), checksums, manifest=False)
+        except CheckpointError as exc:
+            report = ([], [str(exc)])
+        _prefixed(TRAINING_MODEL_DIR, report, ok, problems)
+    else:
+        problems.append(f"{TRAINING_MODEL_DIR}/: missing (every training checkpoint has the model)")
+    if optimizer_dir.is_dir():
+        try:
+            report = verify_optimizer(detect(optimizer_dir, "optimizer"), checksums, manifest=False)
+        except CheckpointError:
+            report = ([], ["no optimizer index in this folder"])
+        _prefixed(TRAINING_OPTIMIZER_DIR, report, ok, problems)
+    if (folder / TRAINING_LR_SCHEDULER).is_file():
+        try:
+            read_lr_scheduler_state(folder / TRAINING_LR_SCHEDULER)
+            ok.append(f"{TRAINING_LR_SCHEDULER}: readable")
         except CheckpointError as exc:
             problems.append(str(exc))
     for rng_file in sorted((folder / RNG_DIR).glob("*.json")) if (folder / RNG_DIR).is_dir() else []:
@@ -226,14 +190,17 @@ def verify_save_dir(folder: Path, checksums: bool) -> Report:
     return ok, problems
 
 
-def verify_path(local: str, checksums: bool) -> Report:
-    """(passed checks, problems) for whatever ``local`` holds: a model, an optimizer, a training
-    checkpoint, or a folder of training checkpoints."""
-    if is_training_checkpoint(local):
-        return verify_training_checkpoint(Path(local), checksums)
-    if training_checkpoints_in(local):
-        return verify_save_dir(Path(local), checksums)
-    located = locate_sharded_optimizer(local)
-    if located is not None:
+def verify_path(local: str | Path, checksums: bool = True) -> Report:
+    """(passed checks, problems) for whatever ``local`` holds: a model, an optimizer, an LR
+    scheduler file, a training checkpoint, or a folder of training checkpoints. Raises
+    :class:`~ckptio.errors.CheckpointNotFoundError` when it holds no checkpoint at all."""
+    located = detect(local)
+    if located.kind == "training":
+        return verify_training_checkpoint(located.folder, checksums)
+    if located.kind == "runs":
+        return verify_save_dir(located.folder, checksums)
+    if located.kind == "optimizer":
         return verify_optimizer(located, checksums)
-    return verify_model(local, checksums)
+    if located.kind == "lr_scheduler":
+        return verify_lr_scheduler(located, checksums)
+    return verify_model(located, checksums)

@@ -1,0 +1,211 @@
+"""Every save, one orchestration: parts written into one commit, in the caller's thread or in
+the background.
+
+A save is a list of :class:`Part`\\ s (a model's weights, an optimizer, a scheduler file, a
+training checkpoint's running states and RNG files) written into one
+:class:`~ckptio.storage.base.Commit`, which the storage picks (a staging folder renamed into
+place, or a version prefix and a commit marker). :func:`save_parts` runs the steps on every
+rank of a group: the master's token travels to all, the master begins, every rank writes its
+parts, the master commits with every rank's records (or aborts if any rank failed).
+
+An async save first *stages* each part (:meth:`Part.stage`: a copy of what this rank
+contributes, in reused host buffers), then runs the same :func:`save_parts` on a background
+thread over a process group of its own. The same code writes sync and async, one rank or many.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from ckptio.engine.group import Group, collective_step
+from ckptio.engine.plan import FilePlan
+from ckptio.engine.tensors import can_stage_parts, stage_parts
+from ckptio.engine.write import WriteSpec, write_state, writer_of_each_key
+from ckptio.storage.atomic import new_token
+from ckptio.storage.base import FileRecord, FileWriter
+from ckptio.storage.location import new_commit
+
+Metadata = Callable[[FilePlan], dict[str, bytes]]
+
+
+def _join(subdir: str, name: str) -> str:
+    return f"{subdir}/{name}" if subdir else name
+
+
+class Part(ABC):
+    """One piece of a save. ``group`` holds its state (its collectives run there); a part whose
+    state one process holds alone (``master_only``) is written by the commit's master only."""
+
+    group: Group
+    master_only: bool = False
+
+    @abstractmethod
+    def write(self, writer: FileWriter, file_name: str | None) -> list[FileRecord]:
+        """Write this rank's files (``file_name``: the only file of a one-file commit); collective on ``group``."""
+
+    def stageable(self) -> bool:
+        """Whether :meth:`stage` needs no collective on the live state's mesh."""
+        return True
+
+    @abstractmethod
+    def stage(self, staging, background: Group) -> Part:
+        """A copy of this part that no longer reads live state, its collectives on ``background``
+        (a part held by one process keeps its world of one)."""
+
+
+class TensorPart(Part):
+    """A ``{name: tensor}`` state (model weights, an optimizer's state tensors) written through
+    the engine, then ``metadata(plan)`` files (index, ``config.json``) by the group's master."""
+
+    def __init__(
+        self,
+        state: dict[str, Any],
+        spec: WriteSpec,
+        group: Group,
+        *,
+        subdir: str = "",
+        metadata: Metadata | None = None,
+        slot: str = "model",
+        master_only: bool = False,
+    ) -> None:
+        self.state, self.spec, self.group, self.subdir = state, spec, group, subdir
+        self.metadata, self.slot, self.master_only = metadata, slot, master_only
+
+    def write(self, writer: FileWriter, file_name: str | None) -> list[FileRecord]:
+        plan, records = write_state(self.state, writer, self.spec, self.group, subdir=self.subdir, file_name=file_name)
+        if self.metadata is None:
+            return records
+        group, subdir, metadata = self.group, self.subdir, self.metadata
+
+        def write_metadata() -> list[FileRecord]:
+            if group.rank != 0:
+                return []
+            return [writer.write(_join(subdir, name), [body]) for name, body in metadata(plan).items()]
+
+        return records + collective_step(group, f"writing the index of {self.spec.weights_name}", write_metadata)
+
+    def stageable(self) -> bool:
+        return can_stage_parts(self.state)
+
+    def stage(self, staging, background: Group) -> TensorPart:
+        writer_of = writer_of_each_key(self.state, self.spec, self.group.size)
+        staged = stage_parts(staging, self.state, self.slot, writer_of, self.group.rank)
+        group = self.group if not self.group.active else background
+        return TensorPart(
+            staged, self.spec, group, subdir=self.subdir, metadata=self.metadata, slot=self.slot,
+            master_only=self.master_only,
+        )  # fmt: skip
+
+
+class FilesPart(Part):
+    """Small files rendered to bytes when the save is called (LR scheduler, running states,
+    a rank's RNG state): every rank writes its own ``files``, or only the master."""
+
+    def __init__(self, files: dict[str, bytes], *, master_only: bool, subdir: str = "") -> None:
+        self.files, self.master_only, self.subdir = files, master_only, subdir
+        self.group = Group.of_one()
+
+    def write(self, writer: FileWriter, file_name: str | None) -> list[FileRecord]:
+        if file_name is not None:
+            ((_, data),) = self.files.items()  # a one-file commit: its only file, under the commit's name
+            return [writer.write(file_name, [data])]
+        return [writer.write(_join(self.subdir, name), [data]) for name, data in self.files.items()]
+
+    def stage(self, staging, background: Group) -> FilesPart:
+        return self
+
+
+class CallbackPart(Part):
+    """A part whose writing is a function of ``(writer, file_name, group)`` over data gathered
+    when the save is called (an optimizer gathered whole on the master)."""
+
+    def __init__(
+        self,
+        gather: Callable[[Group], Any],
+        write: Callable[[FileWriter, str | None, Any], list[FileRecord]],
+        group: Group,
+        *,
+        slot: str,
+        master_only: bool = False,
+    ) -> None:
+        self.gather, self.write_fn, self.group, self.slot, self.master_only = gather, write, group, slot, master_only
+        self._data: Any = None
+        self._gathered = False
+
+    def _value(self) -> Any:
+        if not self._gathered:
+            self._data, self._gathered = self.gather(self.group), True
+        return self._data
+
+    def write(self, writer: FileWriter, file_name: str | None) -> list[FileRecord]:
+        data, group = self._value(), self.group
+        return collective_step(
+            group, "writing a gathered state", lambda: self.write_fn(writer, file_name, data) if not group.rank else []
+        )
+
+    def stage(self, staging, background: Group) -> CallbackPart:
+        data = self._value()
+        copied = staging.stage_tree(data, self.slot) if data is not None else None
+        group = self.group if not self.group.active else background
+        part = CallbackPart(self.gather, self.write_fn, group, slot=self.slot, master_only=self.master_only)
+        part._data, part._gathered = copied, True
+        return part
+
+
+def save_parts(
+    checkpoint: str | os.PathLike,
+    parts: list[Part],
+    group: Group,
+    *,
+    folder: bool,
+    owns: Callable[[str], bool] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``parts`` from every rank of ``group`` into one commit of ``checkpoint``.
+
+    ``folder`` False: a one-file save (exactly one part writes exactly one file). Any rank's
+    failure aborts the commit and is raised on every rank; the previous checkpoint stays.
+    """
+    is_master = group.rank == 0
+    token = group.broadcast_object(new_token() if is_master else None, what="agreeing on the staging folder")
+    commit = new_commit(checkpoint, folder=folder, token=token, owns=owns)
+    where = os.fspath(checkpoint)
+
+    def write_here() -> list[FileRecord]:
+        records: list[FileRecord] = []
+        for part in parts:
+            if part.master_only and not is_master:
+                continue
+            records += part.write(commit.writer, commit.file_name)
+        return records
+
+    try:
+        collective_step(group, f"starting the save of {where}", lambda: commit.begin() if is_master else None)
+        per_rank = collective_step(group, f"writing {where}", write_here, gather=True)
+
+        def finish() -> None:
+            if not is_master:
+                return
+            flat = [r for records in per_rank for r in records]
+            # who really wrote each weights file: the records each rank returned
+            writers = {rec.name: rank for rank, records in enumerate(per_rank) for rec in records if rec.holds_tensors}
+            extra = {**(manifest_extra or {}), "written_by_rank": writers, "world_size": group.size}
+            commit.commit(flat, manifest_extra=extra)
+
+        collective_step(group, f"committing {where}", finish)
+    except Exception:
+        # KeyboardInterrupt / SystemExit leave the staging area like a kill would; the next
+        # save of this checkpoint clears it, and it is never read as a checkpoint.
+        if is_master:
+            commit.abort()
+        raise
+
+
+def stage_all(parts: list[Part], staging, group: Group, background: Group, what: str) -> list[Part]:
+    """Copy what this rank contributes to every part (an async save's call), as one collective
+    step: one rank failing to copy raises on every rank, so no background thread waits for a
+    peer that never started."""
+    return collective_step(group, f"staging {what}", lambda: [p.stage(staging, background) for p in parts])

@@ -1,0 +1,96 @@
+"""The optimizer checkpoint layouts: what a save writes, and reading a saved optimizer back.
+
+* ``shard=False``: one ``torch.save`` file in the plain ``optimizer.state_dict()`` layout
+  (positional ids), as ColossalAI and plain PyTorch write it.
+* ``shard=True``, layout ``"ckptio"`` (the default): state tensors by parameter name in
+  size-bounded safetensors shards (``optimizer-00001-of-00002.safetensors``, key
+  ``<param_name>/<state_name>``) and ``optimizer.index.json``: the usual ``metadata`` +
+  ``weight_map``, plus ``optimizer``: groups with hyper-parameters and parameter names, full
+  parameter shapes, scalar state such as ``step`` with its dtype
+  (:mod:`ckptio.state.optimizer`). No pickle anywhere.
+* ``shard=True``, layout ``"colossalai"``: ColossalAI's layout (:mod:`ckptio.formats.colossal_optim`).
+
+Loading finds the layout itself (:func:`ckptio.layouts.detect.detect`); names are used when
+both the file and the live optimizer have them, positions otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ckptio.engine.plan import FilePlan
+from ckptio.engine.split import split_greedy
+from ckptio.engine.write import WriteSpec
+from ckptio.formats import colossal_optim, naming, torch_format
+from ckptio.formats.hf_index import read_json_file
+from ckptio.layouts.detect import Located
+from ckptio.state import optimizer as ostate
+from ckptio.storage.verify import check_against_manifest
+
+LAYOUTS = ("ckptio", "colossalai")
+
+
+@dataclass(frozen=True)
+class OptimizerSaveOptions:
+    shard: bool = False
+    prefix: str | None = None
+    max_shard_bytes: int = 1024 * 1024 * 1024
+    layout: str = "ckptio"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"optimizer layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+    def write_spec(self) -> WriteSpec:
+        """The state tensors of ckptio's layout: safetensors shards, none when there is no state yet."""
+        weights = naming.optimizer_weights_name(self.prefix)
+        return WriteSpec(weights, self.max_shard_bytes, shard=True, use_safetensors=True, empty_file=False)
+
+
+def owned_files(prefix: str | None):
+    """Every optimizer file a sharded save with this prefix replaces, in either layout."""
+    pattern = naming.optimizer_files_pattern(prefix)
+    return lambda name: bool(pattern.match(name))
+
+
+def index_bytes(plan: FilePlan, description: dict[str, Any]) -> bytes:
+    """The index: Hugging Face's ``metadata`` + ``weight_map``, and the optimizer description."""
+    body = {
+        "metadata": {"total_size": plan.total_size, "format": ostate.FORMAT, "format_version": ostate.FORMAT_VERSION},
+        "weight_map": plan.weight_map or {},
+        "optimizer": description,
+    }
+    return (json.dumps(body, indent=1) + "\n").encode("utf-8")
+
+
+def index_metadata(description: dict[str, Any], prefix: str | None):
+    """The master's last step of a sharded save: ``{index name: bytes}`` for a plan."""
+    return lambda plan: {naming.optimizer_index_name(prefix): index_bytes(plan, description)}
+
+
+def write_full(writer, file_name: str | None, full: dict[str, Any], opts: OptimizerSaveOptions, subdir: str = ""):
+    """A full ``state_dict()`` (CPU tensors): one torch file, or ColossalAI's sharded layout."""
+    if not opts.shard:
+        name = file_name if file_name is not None else (f"{subdir}/" if subdir else "") + "optimizer.bin"
+        with writer.open_stream(name) as stream:
+            torch_format.save(full, stream)
+        return [stream.record]
+    shards = split_greedy(colossal_optim.entry_sizes(full), opts.max_shard_bytes).shards
+    return colossal_optim.write(writer, full, shards, prefix=opts.prefix, subdir=subdir)
+
+
+def read_saved(located: Located, *, verify: bool = False) -> tuple[ostate.SavedOptimizer, dict[str, str] | None]:
+    """The saved optimizer (sizes, and with ``verify`` checksums, checked first) and, for
+    ckptio's layout, the ``weight_map`` of its state tensors (still :class:`TensorRef` in it)."""
+    check_against_manifest(located.folder, located.files, checksums=verify)
+    path = located.entry_path
+    if located.layout == "torch":
+        return ostate.saved_from_state_dict(torch_format.load(path), path=str(path)), None
+    if located.layout == "colossalai":
+        state_dict, _ = colossal_optim.read(path)
+        return ostate.saved_from_state_dict(state_dict, path=str(path)), None
+    raw = read_json_file(path, what="optimizer index")
+    saved = ostate.saved_from_description(raw.get("optimizer") if isinstance(raw, dict) else None, path=str(path))
+    return saved, located.index.weight_map

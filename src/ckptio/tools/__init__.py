@@ -1,0 +1,28 @@
+"""Look inside, check, convert and compare checkpoints from Python; ``ckptio`` (the CLI) prints these.
+
+Every function takes local paths or fsspec URLs and returns data (dicts, lists of strings):
+
+* :func:`inspect_checkpoint` -- what a path holds (model, optimizer, training checkpoint, a run).
+* :func:`verify_checkpoint` -- ``(passed, problems)``: manifest sizes and checksums, headers, indexes.
+* :func:`convert_checkpoint` -- rewrite a model checkpoint (consolidate, re-shard, bin <-> safetensors).
+* :func:`diff_checkpoints` -- compare two model checkpoints tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ckptio.storage.location import readable
+from ckptio.tools.convert import convert_checkpoint
+from ckptio.tools.diff import diff_checkpoints
+from ckptio.tools.inspect import inspect_checkpoint
+from ckptio.tools.verify import verify_path
+
+
+def verify_checkpoint(path: str | os.PathLike, *, checksums: bool = True) -> tuple[list[str], list[str]]:
+    """``(passed checks, problems)`` for whatever ``path`` holds; empty problems mean intact."""
+    with readable(path) as local:
+        return verify_path(local, checksums)
+
+
+__all__ = ["convert_checkpoint", "diff_checkpoints", "inspect_checkpoint", "verify_checkpoint"]

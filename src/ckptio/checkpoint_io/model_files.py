@@ -22,7 +22,7 @@ from ckptio.checkpoint_io.model_state import (
     LoadReport,
     Mismatch,
     describe_tensor,
-    strip_wrapper_prefix,
+    wrapper_prefix,
 )
 from ckptio.errors import (
     CheckpointCorruptError,
@@ -308,14 +308,16 @@ class WeightsFile:
         self._torch = None
 
 
-def match_keys(file_keys: list[str], dest: dict[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
-    """Map file keys to live keys, accepting ``module.`` style prefixes; return unexpected."""
+def match_keys(
+    file_keys: list[str], dest: dict[str, torch.Tensor], prefix: str = ""
+) -> tuple[dict[str, str], list[str]]:
+    """Map file keys to live keys after dropping ``prefix`` (the checkpoint's wrapper prefix,
+    see :func:`wrapper_prefix`) from each; return the mapping and the unexpected keys."""
     mapping, unexpected = {}, []
     for key in file_keys:
-        if key in dest:
-            mapping[key] = key
-        elif (stripped := strip_wrapper_prefix(key)) in dest:
-            mapping[key] = stripped
+        live = key[len(prefix) :] if key.startswith(prefix) else key
+        if live in dest:
+            mapping[key] = live
         else:
             unexpected.append(key)
     return mapping, unexpected
@@ -344,8 +346,8 @@ def match_files_to_model(
     report = LoadReport()
     per_file: list[tuple[str, list[tuple[str, str]]]] = []
     loaded: set[str] = set()
-    for name in ck.files:
-        shapes = read_shapes(ck.folder / name)
+    headers = [(name, read_shapes(ck.folder / name)) for name in ck.files]
+    for name, shapes in headers:
         if ck.index is not None:
             absent = [k for k, f in ck.index.weight_map.items() if f == name and k not in shapes]
             if absent:
@@ -353,7 +355,10 @@ def match_files_to_model(
                     f"index {Path(ck.index.path).name} places {absent[:5]} in this shard but it does not hold them",
                     path=ck.folder / name,
                 )
-        mapping, unexpected = match_keys(list(shapes), dest)
+    # one prefix for the whole checkpoint: per file (or per key) it could swap tensors
+    prefix = wrapper_prefix((k for _, shapes in headers for k in shapes), dest)
+    for name, shapes in headers:
+        mapping, unexpected = match_keys(list(shapes), dest, prefix)
         report.unexpected_keys.extend(unexpected)
         todo = []
         for file_key, live_key in mapping.items():

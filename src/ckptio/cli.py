@@ -470,7 +470,7 @@ def _convert_to_folder(view: ModelView, dst: str, fmt: str, max_shard_bytes: int
         src = view.ck.folder / name
         if src.is_file() and (view.ck.is_sharded or Path(view.path).is_dir()):
             extra[name] = src.read_bytes()
-    commit = atomic.FolderCommit(dst, owns=model_owned_files(None)).begin()
+    commit = atomic.FolderCommit(dst, owns=model_owned_files(None, extra)).begin()
     with atomic.aborting_on_error(commit):
         records = []
         for name, keys in plan.files:  # one destination shard in memory at a time

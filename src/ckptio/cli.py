@@ -44,7 +44,7 @@ from ckptio.formats import naming, safetensors_format
 from ckptio.formats.dtypes import element_size
 from ckptio.progress import Progress
 from ckptio.storage import atomic
-from ckptio.storage.location import is_url
+from ckptio.storage.location import is_url, local_path
 from ckptio.storage.manifest import read_manifest
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -58,6 +58,14 @@ class BadInput(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _checkpoint_arg(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Every command's path, normalised once as it is parsed: ``file:///x`` is the local ``/x``."""
+    try:
+        return local_path(value)
+    except CheckpointError as exc:
+        raise BadInput(str(exc)) from exc
 
 
 @contextlib.contextmanager
@@ -280,7 +288,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("path")
+@click.argument("path", callback=_checkpoint_arg)
 @click.option("--tensors", is_flag=True, help="Also list every tensor with its dtype, shape and file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts) instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar while downloading a URL.")
@@ -394,7 +402,7 @@ def _optimizer_text(s: dict) -> str:
 
 # ----------------------------------------------------------------------------- verify
 @main.command()
-@click.argument("path")
+@click.argument("path", callback=_checkpoint_arg)
 @click.option("--no-checksums", is_flag=True, help="Check sizes only (fast); skip re-hashing every byte.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems; no progress bar.")
@@ -470,7 +478,7 @@ def _convert_to_folder(view: ModelView, dst: str, fmt: str, max_shard_bytes: int
         src = view.ck.folder / name
         if src.is_file() and (view.ck.is_sharded or Path(view.path).is_dir()):
             extra[name] = src.read_bytes()
-    commit = atomic.FolderCommit(dst, owns=model_owned_files(None)).begin()
+    commit = atomic.FolderCommit(dst, owns=model_owned_files(None, extra)).begin()
     with atomic.aborting_on_error(commit):
         records = []
         for name, keys in plan.files:  # one destination shard in memory at a time
@@ -484,8 +492,8 @@ def _convert_to_folder(view: ModelView, dst: str, fmt: str, max_shard_bytes: int
 
 
 @main.command()
-@click.argument("src")
-@click.argument("dst")
+@click.argument("src", callback=_checkpoint_arg)
+@click.argument("dst", callback=_checkpoint_arg)
 @click.option(
     "--size-per-shard",
     type=click.FloatRange(min=0, min_open=True),
@@ -569,8 +577,8 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @main.command()
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", callback=_checkpoint_arg)
+@click.argument("b", callback=_checkpoint_arg)
 @click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Largest allowed |a - b|.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line; no progress bar.")

@@ -19,7 +19,7 @@ from ckptio.checkpoint_io.model_files import MiB, ModelSaveOptions
 from ckptio.checkpoint_io.model_state import LoadReport
 from ckptio.formats.naming import check_prefix
 from ckptio.progress import module_nbytes, track_io
-from ckptio.storage.location import is_url, on_local_path
+from ckptio.storage.location import is_url, local_path, on_local_path
 
 PathLike = str | os.PathLike
 
@@ -31,9 +31,10 @@ def _check_size_per_shard(size_per_shard: float) -> int:
 
 
 def _check_path(checkpoint: PathLike) -> str:
+    """The one place a public method's path is checked and normalised (``file:///x`` -> ``/x``)."""
     if not isinstance(checkpoint, str | os.PathLike) or not os.fspath(checkpoint):
         raise TypeError(f"checkpoint must be a non-empty path, got {checkpoint!r}")
-    return os.fspath(checkpoint)
+    return local_path(checkpoint)
 
 
 class CheckpointIO(ABC):

@@ -158,7 +158,7 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
                 checkpoint,
                 spec,
                 group,
-                owns=model_owned_files(opts.prefix),
+                owns=model_owned_files(opts.prefix, extra or ()),
                 metadata=lambda writer, plan: write_model_metadata(writer, _model_plan(plan), opts, extra_files=extra),
                 manifest_extra=self._manifest_extra(),
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from ckptio.checkpoint_io.model_state import (
     LoadReport,
     Mismatch,
     describe_tensor,
-    strip_wrapper_prefix,
+    wrapper_prefix,
 )
 from ckptio.errors import (
     CheckpointCorruptError,
@@ -144,10 +144,16 @@ def write_model_metadata(
     return records
 
 
-def model_owned_files(prefix: str | None) -> Callable[[str], bool]:
+def model_owned_files(prefix: str | None, extra_files: Iterable[str] = ()) -> Callable[[str], bool]:
+    """What a sharded model save replaces in an existing folder: weights and indexes of its
+    prefix in either format (stale shards included), and the ``extra_files`` it writes.
+
+    ``config.json`` is owned only by a save that writes one (a ``transformers`` model): a
+    folder's own ``config.json`` beside a plain model's shards is the user's, and stays.
+    """
     pattern = naming.model_files_pattern(prefix)
-    hf = {naming.HF_CONFIG, naming.HF_GENERATION_CONFIG}
-    return lambda name: bool(pattern.match(name)) or name in hf
+    extra = frozenset(extra_files)
+    return lambda name: bool(pattern.match(name)) or name in extra
 
 
 def save_model_state(
@@ -172,7 +178,7 @@ def save_model_state(
                 use_safetensors=_single_file_is_safetensors(checkpoint, opts),
             )
             return commit.commit(record)
-    commit = atomic.FolderCommit(checkpoint, owns=model_owned_files(opts.prefix)).begin()
+    commit = atomic.FolderCommit(checkpoint, owns=model_owned_files(opts.prefix, extra_files or ())).begin()
     with atomic.aborting_on_error(commit):
         records = write_model_files(commit.writer, state, opts, extra_files=extra_files or {})
         return commit.commit(records)
@@ -203,15 +209,10 @@ class ModelCheckpoint:
         return self.index is not None
 
 
-def _is_model_index(name: str) -> bool:
-    return naming.is_index_file(name) and not name.startswith("pytorch_optim")
-
-
 def _pick_index(folder: Path, names: list[str]) -> str:
-    if len(names) > 1:
-        # Hugging Face repositories often ship both formats: prefer safetensors.
-        safes = {n for n in names if n.startswith("model.safetensors.index")}
-        names = [n for n in names if n in safes or n.replace("pytorch_model.bin", "model.safetensors") not in safes]
+    if len(names) > 1:  # both formats of one save: prefer safetensors
+        present = set(names)
+        names = [n for n in names if naming.safetensors_twin(n) == n or naming.safetensors_twin(n) not in present]
     if len(names) > 1:
         raise CheckpointFormatError(
             f"folder holds several model indexes ({', '.join(sorted(names))}); pass the path of the index file to load",
@@ -233,7 +234,7 @@ def locate_model(checkpoint: str | os.PathLike) -> ModelCheckpoint:
         return ModelCheckpoint(path.parent, (path.name,), None)
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir() if not naming.is_temporary(p.name))
-        indexes = [n for n in entries if _is_model_index(n)]
+        indexes = [n for n in entries if naming.is_model_index(n)]
         if indexes:
             index = read_index(path / _pick_index(path, indexes))
             return ModelCheckpoint(path, tuple(index.shard_files), index)
@@ -308,14 +309,16 @@ class WeightsFile:
         self._torch = None
 
 
-def match_keys(file_keys: list[str], dest: dict[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
-    """Map file keys to live keys, accepting ``module.`` style prefixes; return unexpected."""
+def match_keys(
+    file_keys: list[str], dest: dict[str, torch.Tensor], prefix: str = ""
+) -> tuple[dict[str, str], list[str]]:
+    """Map file keys to live keys after dropping ``prefix`` (the checkpoint's wrapper prefix,
+    see :func:`wrapper_prefix`) from each; return the mapping and the unexpected keys."""
     mapping, unexpected = {}, []
     for key in file_keys:
-        if key in dest:
-            mapping[key] = key
-        elif (stripped := strip_wrapper_prefix(key)) in dest:
-            mapping[key] = stripped
+        live = key[len(prefix) :] if key.startswith(prefix) else key
+        if live in dest:
+            mapping[key] = live
         else:
             unexpected.append(key)
     return mapping, unexpected
@@ -344,8 +347,8 @@ def match_files_to_model(
     report = LoadReport()
     per_file: list[tuple[str, list[tuple[str, str]]]] = []
     loaded: set[str] = set()
-    for name in ck.files:
-        shapes = read_shapes(ck.folder / name)
+    headers = [(name, read_shapes(ck.folder / name)) for name in ck.files]
+    for name, shapes in headers:
         if ck.index is not None:
             absent = [k for k, f in ck.index.weight_map.items() if f == name and k not in shapes]
             if absent:
@@ -353,7 +356,10 @@ def match_files_to_model(
                     f"index {Path(ck.index.path).name} places {absent[:5]} in this shard but it does not hold them",
                     path=ck.folder / name,
                 )
-        mapping, unexpected = match_keys(list(shapes), dest)
+    # one prefix for the whole checkpoint: per file (or per key) it could swap tensors
+    prefix = wrapper_prefix((k for _, shapes in headers for k in shapes), dest)
+    for name, shapes in headers:
+        mapping, unexpected = match_keys(list(shapes), dest, prefix)
         report.unexpected_keys.extend(unexpected)
         todo = []
         for file_key, live_key in mapping.items():

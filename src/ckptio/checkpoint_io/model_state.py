@@ -7,6 +7,7 @@ into the live tensors.
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,15 +38,29 @@ def clean_key(key: str) -> str:
     return key.replace(_COMPILED_SEGMENT, "")
 
 
-def strip_wrapper_prefix(key: str) -> str:
-    """``module.layer.weight`` -> ``layer.weight``, for files written from wrapped models."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
+def wrapper_prefix(file_keys: Iterable[str], live_keys: Container[str]) -> str:
+    """The wrapper prefix to drop from every key of a checkpoint (``""`` for none).
+
+    Decided once for the whole checkpoint, never per key: a model may own a submodule called
+    ``module`` (``AveragedModel``, wrapper classes), so ``module.linear.weight`` is either its
+    own tensor or a DDP-saved ``linear.weight``, and only all the keys together tell which.
+    A level (``module.``, ``_orig_mod.``) is a candidate only when every key carries it;
+    among the candidates (none stripped, one level, two, ...) the one under which most keys
+    name a live tensor wins, and a tie keeps fewer levels, so names that already fit are
+    never touched.
+    """
+    keys = list(dict.fromkeys(file_keys))
+    best, best_hits, stripped = "", sum(k in live_keys for k in keys), ""
+    while keys:
+        level = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in keys)), None)
+        if level is None:
+            break
+        keys = [k[len(level) :] for k in keys]
+        stripped += level
+        hits = sum(k in live_keys for k in keys)
+        if hits > best_hits:
+            best, best_hits = stripped, hits
+    return best
 
 
 def _storage_identity(t: torch.Tensor):

@@ -35,6 +35,8 @@ REMOTE_VERSION_PREFIX = "ckptio-v-"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _INDEX_RE = re.compile(r"^[^/\\]+\.index(?:\.[^./\\]+)?\.json$")
+# Model indexes only: Hugging Face's two names, with ColossalAI's optional `.PREFIX` before `.json`.
+_MODEL_INDEX_RE = re.compile(r"^(?:model\.safetensors|pytorch_model\.bin)\.index(?:\.[^./\\]+)?\.json$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -70,7 +72,26 @@ def shard_name(weights: str, index: int, total: int) -> str:
 
 
 def is_index_file(name: str) -> bool:
+    """Any index JSON (model or optimizer): for a path the user names explicitly."""
     return bool(_INDEX_RE.match(name))
+
+
+def is_model_index(name: str) -> bool:
+    """A model index (``model.safetensors.index[.PREFIX].json``, ``pytorch_model.bin.index[.PREFIX].json``).
+
+    Folder detection uses this, not :func:`is_index_file`: a folder may also hold an optimizer
+    index (``optimizer.index.json``, ``pytorch_optim.bin.index.json``), which ``transformers``
+    ignores and so must we.
+    """
+    return bool(_MODEL_INDEX_RE.match(name))
+
+
+def safetensors_twin(index: str) -> str:
+    """The safetensors model index with the same prefix as ``index``
+    (``pytorch_model.bin.index.ema.json`` -> ``model.safetensors.index.ema.json``); a safetensors
+    index is its own twin. Hugging Face repositories often ship both formats."""
+    bin_stem, st_stem = BIN_INDEX.removesuffix(".json"), SAFETENSORS_INDEX.removesuffix(".json")
+    return st_stem + index[len(bin_stem) :] if index.startswith(bin_stem) else index
 
 
 def model_files_pattern(prefix: str | None) -> re.Pattern[str]:

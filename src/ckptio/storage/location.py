@@ -10,6 +10,9 @@ import os
 import re
 from collections.abc import Callable
 from typing import TypeVar
+from urllib.parse import unquote
+
+from ckptio.errors import CheckpointNotFoundError
 
 T = TypeVar("T")
 
@@ -24,10 +27,30 @@ def is_url(checkpoint: str | os.PathLike | object) -> bool:
     return bool(_URL_RE.match(checkpoint)) and not checkpoint.lower().startswith("file://")
 
 
+_FILE_SCHEME = "file://"
+
+
 def local_path(checkpoint: str | os.PathLike) -> str:
-    """``file:///x`` -> ``/x``; any other path unchanged."""
+    """``file:///x`` -> ``/x``; any other path or URL unchanged, as a string.
+
+    Every public entry point (Booster save/load, ``save_checkpoint`` / ``load_checkpoint``,
+    ``CheckpointManager``, the CLI) passes its path through here once, so ``file://`` never
+    reaches the code below as a relative path ``./file:/x``. As in RFC 8089 (and pathlib's
+    ``as_uri``), the host is empty or ``localhost`` and percent-escapes are decoded.
+    """
     text = os.fspath(checkpoint)
-    return text[len("file://") :] if text.lower().startswith("file://") else text
+    if text[: len(_FILE_SCHEME)].lower() != _FILE_SCHEME:
+        return text
+    rest = text[len(_FILE_SCHEME) :]
+    if rest[: len("localhost/")].lower() == "localhost/":
+        rest = rest[len("localhost") :]
+    if not rest.startswith("/"):
+        raise CheckpointNotFoundError(
+            "a file:// URL names a path on this machine and must be absolute: file:///abs/path "
+            "(or file://localhost/abs/path)",
+            path=text,
+        )
+    return unquote(rest)
 
 
 def url_basename(url: str) -> str:

@@ -40,7 +40,7 @@ from ckptio.formats import naming
 from ckptio.formats.hf_index import read_json_file
 from ckptio.planning.collectives import Group, collective_step
 from ckptio.storage import atomic
-from ckptio.storage.location import is_url
+from ckptio.storage.location import is_url, local_path
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
 from ckptio.training import rng
@@ -68,7 +68,7 @@ def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
 
 def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:
     """Write ``data`` as JSON to ``file_path``, atomically (ColossalChat's helper)."""
-    commit = atomic.FileCommit(file_path).begin()
+    commit = atomic.FileCommit(local_path(file_path)).begin()
     with atomic.aborting_on_error(commit):
         record = commit.writer.write(commit.staging_name, [(json.dumps(data, indent=4) + "\n").encode("utf-8")])
         commit.commit(record)
@@ -76,7 +76,7 @@ def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:
 
 def load_json(file_path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON object (ColossalChat's helper); errors name the file."""
-    data = read_json_file(file_path, what="JSON file")
+    data = read_json_file(local_path(file_path), what="JSON file")
     if not isinstance(data, dict):
         raise CheckpointFormatError("expected a JSON object", path=file_path)
     return data
@@ -115,6 +115,7 @@ def save_checkpoint(
     and committed in the background (``booster.wait()`` makes it durable). Returns the path.
     """
     epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
+    save_dir = local_path(save_dir)  # file:///x is the local /x
     if is_url(save_dir):  # object store: build the folder locally, upload it, commit marker last (synchronous)
         from ckptio.storage.fsspec_storage import saving
 
@@ -236,6 +237,7 @@ def load_checkpoint(
     and ``sampler``'s state when given and saved. ``verify=True`` checks every file's
     checksum against the manifest first. Every rank calls it.
     """
+    load_dir = local_path(load_dir)  # file:///x is the local /x
     if is_url(load_dir):  # object store: download the committed version, load the local copy
         from ckptio.storage.fsspec_storage import loading
 

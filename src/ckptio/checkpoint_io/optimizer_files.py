@@ -4,7 +4,8 @@
   (positional ids), as ColossalAI and plain PyTorch write it.
 * ``shard=True``, layout ``"ckptio"`` (the default): state tensors by parameter name in
   size-bounded safetensors shards (``optimizer-00001-of-00002.safetensors``, key
-  ``<param_name>/<state_name>``) and ``optimizer.index.json``: the usual ``metadata`` +
+  ``<param_name>/<state_name>``, tensors nested in a state entry ``<param_name>/<state_name>/<index>``,
+  see docs/formats.md) and ``optimizer.index.json``: the usual ``metadata`` +
   ``weight_map``, plus ``optimizer``: groups with hyper-parameters and parameter names,
   full parameter shapes, scalar state such as ``step`` with its dtype
   (:mod:`ckptio.checkpoint_io.optimizer_state`). No pickle anywhere.
@@ -90,9 +91,9 @@ def snapshot(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -
 
 
 def cpu_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer ``state_dict`` with every state tensor on the CPU and contiguous."""
+    """An optimizer ``state_dict`` with every state tensor (nested ones too) on the CPU and contiguous."""
     state = {
-        pid: {k: to_cpu_contiguous(v) if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
+        pid: {k: ostate.map_tensors(v, to_cpu_contiguous) for k, v in entries.items()}
         for pid, entries in state_dict["state"].items()
     }
     return {"state": state, "param_groups": state_dict["param_groups"]}
@@ -135,7 +136,11 @@ def plan_optimizer_files(sizes: list[tuple[str, int]], opts: OptimizerSaveOption
 def optimizer_index_bytes(plan: ModelFilePlan, description: dict[str, Any]) -> bytes:
     """The index: Hugging Face's ``metadata`` + ``weight_map``, and the optimizer description."""
     body = {
-        "metadata": {"total_size": plan.total_size, "format": ostate.FORMAT, "format_version": ostate.FORMAT_VERSION},
+        "metadata": {
+            "total_size": plan.total_size,
+            "format": ostate.FORMAT,
+            "format_version": description.get("format_version", ostate.FORMAT_VERSION),
+        },
         "weight_map": plan.weight_map or {},
         "optimizer": description,
     }

@@ -55,8 +55,15 @@ def is_index_name(name: str) -> bool:
     return name.startswith("pytorch_optim.bin.index") and name.endswith(".json")
 
 
-def _state_bytes(entries: dict[str, Any]) -> int:
-    return sum(v.numel() * v.element_size() for v in entries.values() if isinstance(v, torch.Tensor))
+def _state_bytes(value: Any) -> int:
+    """Bytes of every tensor in a state entry, nested ones (LBFGS's history lists) included."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_state_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_state_bytes(v) for v in value)
+    return 0
 
 
 def write(

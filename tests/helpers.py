@@ -69,3 +69,25 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
     for key in sa:
         assert sa[key].dtype == sb[key].dtype, key
         assert torch.equal(sa[key], sb[key]), key
+
+
+class TwoLinears(nn.Module):
+    """Owns both ``linear`` and ``module.linear``: a DDP file of it has ``module.linear`` AND
+    ``module.module.linear``, so stripping ``module.`` per key would swap the two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.module = nn.Module()
+        self.module.linear = nn.Linear(4, 4)
+
+
+def two_linears(seed: int = 1) -> nn.Module:
+    return randomize(TwoLinears(), seed=seed)
+
+
+def averaged_linear(seed: int = 1) -> nn.Module:
+    """``torch.optim.swa_utils.AveragedModel``: its own weights live under ``module.``."""
+    from torch.optim.swa_utils import AveragedModel
+
+    return randomize(AveragedModel(nn.Linear(4, 4)), seed=seed)

@@ -16,7 +16,7 @@ import sys
 import click
 
 from ckptio.errors import CheckpointError
-from ckptio.storage.location import exists, is_url
+from ckptio.storage.location import exists, is_url, local_path
 from ckptio.tools import convert_checkpoint, diff_checkpoints, inspect_checkpoint, verify_checkpoint
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -29,6 +29,14 @@ class BadInput(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _checkpoint_arg(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Every command's path, normalised once as it is parsed: ``file:///x`` is the local ``/x``."""
+    try:
+        return local_path(value)
+    except CheckpointError as exc:
+        raise BadInput(str(exc)) from exc
 
 
 def _must_exist(path: str) -> None:
@@ -88,7 +96,7 @@ def main() -> None:
 
 # ----------------------------------------------------------------------------- inspect
 @main.command()
-@click.argument("path")
+@click.argument("path", callback=_checkpoint_arg)
 @click.option("--tensors", is_flag=True, help="Also list every tensor with its dtype, shape and file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts) instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar while downloading a URL.")
@@ -181,7 +189,7 @@ def _print_runs(report: dict) -> None:
 
 # ----------------------------------------------------------------------------- verify
 @main.command()
-@click.argument("path")
+@click.argument("path", callback=_checkpoint_arg)
 @click.option("--no-checksums", is_flag=True, help="Check sizes only (fast); skip re-hashing every byte.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems; no progress bar.")
@@ -207,8 +215,8 @@ def verify(path: str, no_checksums: bool, as_json: bool, quiet: bool) -> None:
 
 # ----------------------------------------------------------------------------- convert
 @main.command()
-@click.argument("src")
-@click.argument("dst")
+@click.argument("src", callback=_checkpoint_arg)
+@click.argument("dst", callback=_checkpoint_arg)
 @click.option(
     "--size-per-shard",
     type=click.FloatRange(min=0, min_open=True),
@@ -247,8 +255,8 @@ def convert(src: str, dst: str, size_per_shard: float, fmt: str, overwrite: bool
 
 # ----------------------------------------------------------------------------- diff
 @main.command()
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", callback=_checkpoint_arg)
+@click.argument("b", callback=_checkpoint_arg)
 @click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Largest allowed |a - b|.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line; no progress bar.")

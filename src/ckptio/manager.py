@@ -26,7 +26,7 @@ from ckptio.engine.group import Group, collective_step
 from ckptio.errors import CheckpointError, CheckpointFormatError
 from ckptio.formats.naming import OLD_MARK, TMP_MARK
 from ckptio.storage import atomic
-from ckptio.storage.location import is_url
+from ckptio.storage.location import is_url, local_path
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
 from ckptio.training.checkpoint import (
@@ -77,6 +77,7 @@ class CheckpointManager:
         save_every: int | None = None,
         coordinator: DistCoordinator | None = None,
     ) -> None:
+        save_dir = local_path(save_dir)  # file:///x is the local /x
         if is_url(save_dir):
             raise ValueError(
                 f"CheckpointManager needs a local or mounted folder, got {os.fspath(save_dir)!r}; "

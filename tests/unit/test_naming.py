@@ -24,6 +24,27 @@ def test_index_detection_is_anchored():
     assert not naming.is_index_file("a/b.index.json")
 
 
+def test_model_index_detection_recognises_model_indexes_only():
+    for name in (
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+        "model.safetensors.index.ema.json",
+        "pytorch_model.bin.index.ema.json",
+    ):
+        assert naming.is_model_index(name), name
+    for name in (
+        "optimizer.index.json",
+        "optimizer.index.ema.json",
+        "pytorch_optim.bin.index.json",
+        "other.index.json",
+        "model.safetensors.index.a.b.json",
+        "model.safetensors",
+    ):
+        assert not naming.is_model_index(name), name
+    assert naming.safetensors_twin("pytorch_model.bin.index.ema.json") == "model.safetensors.index.ema.json"
+    assert naming.safetensors_twin("model.safetensors.index.json") == "model.safetensors.index.json"
+
+
 def test_owned_pattern_separates_prefixes():
     plain, ema = naming.model_files_pattern(None), naming.model_files_pattern("ema")
     for name in [

@@ -22,6 +22,7 @@ from ckptio.engine.group import Group, collective_step
 from ckptio.engine.load import load_state
 from ckptio.engine.optimizer import (
     apply_optimizer_load,
+    check_restorable_layout,
     flat_optimizer_state,
     full_state_dict_on_master,
     prepare_optimizer_load,
@@ -90,6 +91,7 @@ class GeneralCheckpointIO(CheckpointIO):
                 slot="optimizer",
                 master_only=self.group.solo,
             )
+        check_restorable_layout(optimizer)  # before any collective: the same verdict on every rank
         return CallbackPart(
             lambda group: full_state_dict_on_master(optimizer, group),
             lambda writer, file_name, full: write_full(writer, file_name, full, opts, subdir),

@@ -23,7 +23,7 @@ from ckptio.engine.reader import Shapes, TensorFile, read_shapes
 from ckptio.engine.tensors import is_dtensor, local_part, local_region
 from ckptio.errors import CheckpointCorruptError, StateMismatchError
 from ckptio.layouts.detect import Located, detect
-from ckptio.state.report import LoadReport, Mismatch, describe_tensor, match_keys
+from ckptio.state.report import LoadReport, Mismatch, describe_tensor, match_keys, wrapper_prefix
 from ckptio.storage.verify import check_against_manifest
 
 # [(file, [(file_key, live_key), ...]), ...]: what to copy from where
@@ -41,8 +41,8 @@ def match_files(
     per_file: CopyPlan = []
     loaded: set[str] = set()
     index = located.index
-    for name in located.weight_files:
-        shapes = read(located.folder / name)
+    headers = [(name, read(located.folder / name)) for name in located.weight_files]
+    for name, shapes in headers:
         if index is not None:
             absent = [k for k, f in index.weight_map.items() if f == name and k not in shapes]
             if absent:
@@ -50,7 +50,10 @@ def match_files(
                     f"index {Path(index.path).name} places {absent[:5]} in this shard but it does not hold them",
                     path=located.folder / name,
                 )
-        mapping, unexpected = match_keys(list(shapes), dest)
+    # one prefix for the whole checkpoint: per file (or per key) it could swap tensors
+    prefix = wrapper_prefix((k for _, shapes in headers for k in shapes), dest)
+    for name, shapes in headers:
+        mapping, unexpected = match_keys(list(shapes), dest, prefix)
         report.unexpected_keys.extend(unexpected)
         todo = []
         for file_key, live_key in mapping.items():

@@ -9,6 +9,14 @@ the master first (:func:`full_state_dict_on_master`).
 Loading: the saved optimizer is matched to the live one (names, groups, shapes) before
 anything changes; then each state tensor is read as this rank needs it: the box its parameter
 shard covers for a DTensor parameter, whole otherwise (:class:`StateTensorReader`).
+
+Files hold full tensors and no placements, so the load decides how each state tensor of a
+DTensor parameter is laid out again (:func:`place_like`): shaped like its parameter, it is
+sharded like it; any other shape (Adafactor's ``row_var``, LBFGS's flat ``d`` and history) is
+replicated on the parameter's mesh; a 0-dim scalar comes back as a plain tensor. That is
+what torch's optimizers themselves build on FSDP2. A save whose DTensor state is laid out
+otherwise is refused (:func:`check_restorable_layout`) instead of written and then loaded
+into another layout.
 """
 
 from __future__ import annotations
@@ -29,44 +37,99 @@ from ckptio.state import optimizer as ostate
 
 def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Flat state tensors (DTensors stay DTensors) and the JSON description, by name."""
+    check_restorable_layout(optimizer)
     names = ostate.param_names(optimizer)
     shapes = [tuple(p.shape) for group in ostate.optimizer_params(optimizer) for p in group]
     return ostate.flatten_optimizer_state(optimizer.state_dict(), names, shapes)
 
 
+def _layout(t: torch.Tensor) -> tuple | None:
+    """``(mesh, placements)`` of a DTensor (``Partial`` read as replicated: it is saved reduced), else None."""
+    if not is_dtensor(t):
+        return None
+    from torch.distributed.tensor import Partial, Replicate
+
+    return t.device_mesh, tuple(Replicate() if isinstance(p, Partial) else p for p in t.placements)
+
+
+def _layout_on_load(shape: tuple[int, ...], param: torch.Tensor) -> tuple | None:
+    """The layout :func:`place_like` gives a state tensor of ``shape`` that goes with ``param``."""
+    if not is_dtensor(param) or len(shape) == 0:
+        return None
+    if shape == tuple(param.shape):
+        return _layout(param)
+    from torch.distributed.tensor import Replicate
+
+    return param.device_mesh, (Replicate(),) * param.device_mesh.ndim
+
+
+def check_restorable_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse to save DTensor state that a load would lay out differently (see the module doc).
+
+    The same verdict on every rank: placements are global. Torch's own optimizers on FSDP2 pass
+    (Adam's moments are sharded like their parameter, LBFGS's vectors are replicated); e.g.
+    LBFGS over a single 1-D parameter keeps a replicated ``d`` of the parameter's shape, which a
+    load would shard.
+    """
+    params = [p for group in ostate.optimizer_params(optimizer) for p in group]
+    for i, param in enumerate(params):
+        for sname, value in optimizer.state.get(param, {}).items():
+            for position, tensor in ostate.iter_tensors(value):
+                if not is_dtensor(tensor) or tensor.dim() == 0:
+                    continue
+                if _layout(tensor) == _layout_on_load(tuple(tensor.shape), param):
+                    continue
+                names = ostate.param_names(optimizer)
+                label = repr(names[i]) if names is not None else f"{i} (positional id)"
+                param_layout = f"placed {list(param.placements)}" if is_dtensor(param) else "a plain tensor"
+                raise CheckpointFormatError(
+                    f"{type(optimizer).__name__} state {ostate.describe_entry(str(sname), position)} of parameter "
+                    f"{label} is a DTensor of shape {list(tensor.shape)} placed {list(tensor.placements)}, its "
+                    f"parameter has shape {list(param.shape)}, {param_layout}. A load shards state shaped like "
+                    "its parameter like the parameter and replicates any other state, so this entry could not "
+                    "be restored as it is; nothing was saved"
+                )
+
+
 def full_state_dict_on_master(optimizer: torch.optim.Optimizer, group: Group) -> dict[str, Any] | None:
     """``optimizer.state_dict()`` with full CPU tensors on the master (``None`` elsewhere).
 
-    For layouts that keep whole tensors in one place; DTensors are all-gathered one at a time
-    (a collective on their mesh: every rank calls this).
+    For layouts that keep whole tensors in one place; DTensors, nested ones too, are
+    all-gathered one at a time (a collective on their mesh: every rank calls this, and the
+    order is the same on every rank).
     """
+    check_restorable_layout(optimizer)
     sd = optimizer.state_dict()
-    state: dict[Any, dict[str, Any]] = {}
-    for pid, entries in sd["state"].items():  # the same order on every rank
-        out = {}
-        for sname, value in entries.items():
-            if is_dtensor(value):
-                with peer_failure("gathering optimizer state onto the master"):
-                    value = value.full_tensor()
-            if isinstance(value, torch.Tensor):
-                value = value.detach().cpu().contiguous()
-            out[sname] = value
-        state[pid] = out
+
+    def full(value: Any) -> Any:
+        if is_dtensor(value):
+            with peer_failure("gathering optimizer state onto the master"):
+                value = value.full_tensor()
+        return value.detach().cpu().contiguous() if isinstance(value, torch.Tensor) else value
+
+    state = {
+        pid: {sname: ostate.map_tensors(value, full) for sname, value in entries.items()}
+        for pid, entries in sd["state"].items()
+    }
     return {"state": state, "param_groups": sd["param_groups"]} if group.rank == 0 else None
 
 
-def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The part of a full state tensor that goes with ``param``'s shard, as a DTensor laid
-    out like ``param`` (state tensors of elementwise optimizers have the parameter's shape)."""
-    if not is_dtensor(param) or tuple(full.shape) != tuple(param.shape):
+def place_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The state tensor that goes with ``param`` from its full value: for a DTensor parameter,
+    sharded like it when shaped like it, else replicated on its mesh (0-dim: plain)."""
+    layout = _layout_on_load(tuple(full.shape), param)
+    if layout is None:
         return full
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    region = local_region(param)
     device = param.to_local().device
+    if tuple(full.shape) != tuple(param.shape):  # replicated: every rank holds the whole tensor
+        mesh, placements = layout
+        return DTensor.from_local(full.to(device), mesh, placements, run_check=False)
+    region = local_region(param)
     if not region.box:
         return distribute_tensor(full.to(device), param.device_mesh, param.placements, src_data_rank=None)
-    local = full[region.index()].to(device).contiguous() if full.dim() else full.to(device)
+    local = full[region.index()].to(device).contiguous()
     return DTensor.from_local(
         local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
@@ -99,10 +162,10 @@ class StateTensorReader:
     def __call__(self, ref: ostate.TensorRef, param: torch.Tensor) -> torch.Tensor:
         reader = self._reader(ref)
         if not is_dtensor(param) or ref.shape != tuple(param.shape):
-            return reader.read(ref.key)
+            return place_like(reader.read(ref.key), param)
         region = local_region(param)
         if not region.box:
-            return shard_like(reader.read(ref.key), param)
+            return place_like(reader.read(ref.key), param)
         from torch.distributed.tensor import DTensor
 
         local = torch.empty(region.shape, dtype=ref.dtype)
@@ -134,8 +197,7 @@ def prepare_optimizer_load(optimizer: torch.optim.Optimizer, located: Located, *
     else:  # whole tensors were read; keep this rank's part of each
         for pid, entries in skeleton["state"].items():
             for sname, value in entries.items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    entries[sname] = shard_like(value, params[pid])
+                entries[sname] = ostate.map_tensors(value, lambda t, p=params[pid]: place_like(t, p))
     return skeleton
 
 

@@ -28,8 +28,15 @@ from ckptio.formats.naming import colossal_optimizer_names, colossal_shard_name
 from ckptio.storage.base import FileRecord, FileWriter
 
 
-def _state_bytes(entries: dict[str, Any]) -> int:
-    return sum(v.numel() * v.element_size() for v in entries.values() if isinstance(v, torch.Tensor))
+def _state_bytes(value: Any) -> int:
+    """Bytes of every tensor in a state entry, nested ones (LBFGS's history lists) included."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_state_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_state_bytes(v) for v in value)
+    return 0
 
 
 def entry_sizes(state_dict: dict[str, Any]) -> list[tuple[str, int]]:

@@ -43,6 +43,8 @@ REMOTE_VERSION_PREFIX = "ckptio-v-"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _INDEX_RE = re.compile(r"^[^/\\]+\.index(?:\.[^./\\]+)?\.json$")
+# Model indexes only: Hugging Face's two names, with ColossalAI's optional `.PREFIX` before `.json`.
+_MODEL_INDEX_RE = re.compile(r"^(?:model\.safetensors|pytorch_model\.bin)\.index(?:\.[^./\\]+)?\.json$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -78,18 +80,30 @@ def shard_name(weights: str, index: int, total: int) -> str:
 
 
 def is_index_file(name: str) -> bool:
-    """Any ``*.index.json`` / ``*.index.PREFIX.json`` name (model or optimizer)."""
+    """Any index JSON (model or optimizer): for a path the user names explicitly."""
     return bool(_INDEX_RE.match(name))
+
+
+def is_model_index(name: str) -> bool:
+    """A model index (``model.safetensors.index[.PREFIX].json``, ``pytorch_model.bin.index[.PREFIX].json``).
+
+    Folder detection uses this, not :func:`is_index_file`: a folder may also hold an optimizer
+    index (``optimizer.index.json``, ``pytorch_optim.bin.index.json``), which ``transformers``
+    ignores and so must we.
+    """
+    return bool(_MODEL_INDEX_RE.match(name))
+
+
+def safetensors_twin(index: str) -> str:
+    """The safetensors model index with the same prefix as ``index``
+    (``pytorch_model.bin.index.ema.json`` -> ``model.safetensors.index.ema.json``); a safetensors
+    index is its own twin. Hugging Face repositories often ship both formats."""
+    bin_stem, st_stem = BIN_INDEX.removesuffix(".json"), SAFETENSORS_INDEX.removesuffix(".json")
+    return st_stem + index[len(bin_stem) :] if index.startswith(bin_stem) else index
 
 
 _OPTIMIZER_INDEX_RE = re.compile(r"^optimizer\.index(?:\.[A-Za-z0-9_\-]+)?\.json$")
 _COLOSSAL_OPTIM_INDEX_RE = re.compile(r"^pytorch_optim\.bin\.index(?:\.[A-Za-z0-9_\-]+)?\.json$")
-
-
-def is_model_index(name: str) -> bool:
-    """A model index: any index JSON but an optimizer's (``model.safetensors.index.json``,
-    ColossalAI's prefixed ``pytorch_model.bin.index.ema.json``, other tools' names)."""
-    return is_index_file(name) and not is_optimizer_index(name) and not is_colossal_optimizer_index(name)
 
 
 def is_optimizer_index(name: str) -> bool:

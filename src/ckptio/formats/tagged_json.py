@@ -5,10 +5,15 @@ things plain JSON loses: tuples (``betas``), scalar tensors (Adam's ``step`` wit
 dtype), small tensors (a tensor ``lr``). Those are written as one-key objects with a
 reserved tag, so ``decode(encode(x)) == x`` with the same Python and torch types.
 Floats go through Python's ``repr`` (exact for float64, hence for float32 and bfloat16).
+
+Optimizer state may hold tensors anywhere inside lists, tuples and dicts (LBFGS's ``old_dirs``);
+``encode(..., on_tensor=...)`` lets the caller replace each one by a reference to a file
+(``{"__ref__": ...}``) and ``decode(..., on_ref=...)`` turns references back into objects.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +23,8 @@ from ckptio.formats import dtypes
 TUPLE_TAG = "__tuple__"
 TENSOR_TAG = "__tensor__"
 DICT_TAG = "__dict__"  # a real dict whose only key happens to be one of the tags
-_TAGS = (TUPLE_TAG, TENSOR_TAG, DICT_TAG)
+REF_TAG = "__ref__"  # a tensor stored elsewhere (``on_tensor`` / ``on_ref``)
+_TAGS = (TUPLE_TAG, TENSOR_TAG, DICT_TAG, REF_TAG)
 # Tensors larger than this belong in safetensors, not in JSON.
 MAX_JSON_TENSOR_ELEMENTS = 4096
 
@@ -31,28 +37,48 @@ class NotJSONable(ValueError):
         super().__init__(f"{where or 'value'} of type {type(value).__name__} has no exact JSON form")
 
 
-def encode(value: Any, where: str = "") -> Any:
-    """The JSON-ready form of ``value``; raises :class:`NotJSONable` when there is none."""
+Position = tuple[int | str, ...]
+TensorHook = Callable[[torch.Tensor, Position, str], Any]
+
+
+def encode(value: Any, where: str = "", on_tensor: TensorHook | None = None) -> Any:
+    """The JSON-ready form of ``value``; raises :class:`NotJSONable` when there is none.
+
+    ``on_tensor(tensor, position, where)``, when given, returns the JSON form of every tensor
+    inside ``value`` (``position``: the list indices and dict keys leading to it); without
+    it, tensors are inlined as tagged data (small ones only).
+    """
+    return _encode(value, where, (), on_tensor)
+
+
+def _encode(value: Any, where: str, pos: Position, on_tensor: TensorHook | None) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, int | float):
         return value
     if isinstance(value, tuple):
-        return {TUPLE_TAG: [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+        return {TUPLE_TAG: [_encode(v, f"{where}[{i}]", (*pos, i), on_tensor) for i, v in enumerate(value)]}
     if isinstance(value, list):
-        return [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_encode(v, f"{where}[{i}]", (*pos, i), on_tensor) for i, v in enumerate(value)]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise NotJSONable(where, value)
-        body = {k: encode(v, f"{where}.{k}" if where else k) for k, v in value.items()}
+        body = {k: _encode(v, f"{where}.{k}" if where else k, (*pos, k), on_tensor) for k, v in value.items()}
         return {DICT_TAG: body} if len(body) == 1 and next(iter(body)) in _TAGS else body
+    if isinstance(value, torch.Tensor) and on_tensor is not None:
+        return on_tensor(value, pos, where)
     if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:
         return {TENSOR_TAG: encode_tensor(value, where)}
     raise NotJSONable(where, value)
 
 
+def has_exact_form(tensor: torch.Tensor) -> bool:
+    """Whether :func:`encode_tensor` can write ``tensor`` (its dtype and size; not its type)."""
+    return not tensor.is_complex() and tensor.numel() <= MAX_JSON_TENSOR_ELEMENTS and tensor.dtype in _JSON_DTYPES
+
+
 def encode_tensor(tensor: torch.Tensor, where: str = "") -> dict[str, Any]:
-    if tensor.is_complex() or tensor.numel() > MAX_JSON_TENSOR_ELEMENTS or tensor.dtype not in _JSON_DTYPES:
+    if not has_exact_form(tensor):
         raise NotJSONable(where, tensor)
     cpu = tensor.detach().cpu()
     data = cpu.item() if cpu.dim() == 0 else cpu.to(_JSON_DTYPES[cpu.dtype]).tolist()
@@ -76,20 +102,23 @@ _JSON_DTYPES = {
 }
 
 
-def decode(value: Any) -> Any:
-    """The inverse of :func:`encode`. Tensors come back on the CPU."""
+def decode(value: Any, on_ref: Callable[[Any], Any] | None = None) -> Any:
+    """The inverse of :func:`encode`. Tensors come back on the CPU; ``{"__ref__": body}``
+    becomes ``on_ref(body)`` when given (else it stays a plain dict, as before the tag existed)."""
     if isinstance(value, list):
-        return [decode(v) for v in value]
+        return [decode(v, on_ref) for v in value]
     if isinstance(value, dict):
         if len(value) == 1:
             ((tag, body),) = value.items()
             if tag == TUPLE_TAG:
-                return tuple(decode(v) for v in _expect(body, list, tag))
+                return tuple(decode(v, on_ref) for v in _expect(body, list, tag))
             if tag == TENSOR_TAG:
                 return decode_tensor(_expect(body, dict, tag))
             if tag == DICT_TAG:
-                return {k: decode(v) for k, v in _expect(body, dict, tag).items()}
-        return {k: decode(v) for k, v in value.items()}
+                return {k: decode(v, on_ref) for k, v in _expect(body, dict, tag).items()}
+            if tag == REF_TAG and on_ref is not None:
+                return on_ref(body)
+        return {k: decode(v, on_ref) for k, v in value.items()}
     return value
 
 

@@ -123,10 +123,9 @@ def _file(path: Path, kind: str, layout: str) -> Located:
 
 # ----------------------------------------------------------------------------- model
 def _pick_model_index(folder: Path, names: list[str]) -> str:
-    if len(names) > 1:
-        # Hugging Face repositories often ship both formats: prefer safetensors.
-        safes = {n for n in names if n.startswith("model.safetensors.index")}
-        names = [n for n in names if n in safes or n.replace("pytorch_model.bin", "model.safetensors") not in safes]
+    if len(names) > 1:  # both formats of one save (Hugging Face repositories ship both): prefer safetensors
+        present = set(names)
+        names = [n for n in names if naming.safetensors_twin(n) == n or naming.safetensors_twin(n) not in present]
     if len(names) > 1:
         raise CheckpointFormatError(
             f"folder holds several model indexes ({', '.join(sorted(names))}); pass the path of the index file to load",

@@ -58,7 +58,11 @@ def owned_files(prefix: str | None):
 def index_bytes(plan: FilePlan, description: dict[str, Any]) -> bytes:
     """The index: Hugging Face's ``metadata`` + ``weight_map``, and the optimizer description."""
     body = {
-        "metadata": {"total_size": plan.total_size, "format": ostate.FORMAT, "format_version": ostate.FORMAT_VERSION},
+        "metadata": {
+            "total_size": plan.total_size,
+            "format": ostate.FORMAT,
+            "format_version": description.get("format_version", ostate.FORMAT_VERSION),
+        },
         "weight_map": plan.weight_map or {},
         "optimizer": description,
     }

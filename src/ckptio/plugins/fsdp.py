@@ -38,7 +38,7 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, old_names: dict[int, str]
             if name is None or name not in current:
                 raise ValueError("the optimizer holds a parameter that is not part of the boosted model")
             params.append(current[name])
-        group["params"] = params
+        group["params"][:] = params  # the same list: LBFGS keeps a reference to it
     optimizer.state.clear()
 
 

@@ -7,12 +7,17 @@ multi-rank writers share them:
   ``"<param_name>/<state_name>"`` (full shape; a DTensor stays a DTensor, its ``shape`` is
   the full one) plus JSON: groups with their hyper-parameters and the *names* of their
   parameters, full parameter shapes, and scalar state (``step`` with its dtype) inline.
+  State may nest tensors in lists, tuples and dicts (LBFGS's ``old_dirs``): each one is a
+  tensor of its own, keyed by its position (``"<param>/old_dirs/3"``, see :func:`state_key`),
+  and referenced from the JSON where it sat. No tensor data goes into JSON but 0-dim scalars.
 * :func:`saved_from_description` / :func:`saved_from_state_dict` read either back into one
   :class:`SavedOptimizer`, whose tensor values may be :class:`TensorRef` (not read yet).
 * :func:`match_saved_to_live` checks a saved optimizer against the live one (groups,
   names, shapes) and returns a ``state_dict`` skeleton for ``optimizer.load_state_dict``,
   whose refs :func:`materialize` resolves through a reader callback ``read(ref, param)``
   ("give me the tensor for key K"), so a multi-rank loader can return just its slice.
+  Files that record no parameter shapes (a torch file, ColossalAI's layout) are checked
+  against the shapes torch's own optimizers give their state (:data:`STATE_SHAPES`).
 
 Where the names come from: an optimizer alone has none, so :func:`register_model` links an
 optimizer to its model (``Booster.boost`` and ``save_checkpoint`` do it; a weak reference,
@@ -36,7 +41,9 @@ from ckptio.formats import dtypes, tagged_json
 from ckptio.state.model import clean_key, unwrap_model
 
 FORMAT = "ckptio-optimizer"
-FORMAT_VERSION = 1
+# 2: tensors nested inside a state entry are references too. A file without any is written as
+# version 1, which older readers load; they refuse version 2 instead of misreading it.
+FORMAT_VERSION = 2
 KEY_SEPARATOR = "/"
 
 _MODELS: weakref.WeakKeyDictionary[Any, weakref.ref] = weakref.WeakKeyDictionary()
@@ -72,8 +79,50 @@ def param_names(optimizer: torch.optim.Optimizer, model: nn.Module | None = None
     return names  # type: ignore[return-value]
 
 
-def state_key(param: str, state_name: str) -> str:
-    return f"{param}{KEY_SEPARATOR}{state_name}"
+def state_key(param: str, state_name: str, *position: int | str) -> str:
+    """The file key of a state tensor: ``<param>/<state>[/<index or key>...]``.
+
+    The state name and every dict key inside it are escaped (``%`` -> ``%25``, ``/`` ->
+    ``%2F``) so that a key stays unique whatever the names hold; list and tuple indices are
+    decimal. Keys are never parsed back: the JSON holds each reference's key.
+    """
+    parts = [_escape(state_name), *(str(p) if isinstance(p, int) else _escape(p) for p in position)]
+    return KEY_SEPARATOR.join([param, *parts])
+
+
+def _escape(segment: str) -> str:
+    return segment.replace("%", "%25").replace(KEY_SEPARATOR, "%2F")
+
+
+def map_tensors(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``value`` with every tensor or :class:`TensorRef` inside lists, tuples and dicts replaced
+    by ``fn(leaf)``; containers are rebuilt, other leaves kept."""
+    if isinstance(value, torch.Tensor | TensorRef):
+        return fn(value)
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def iter_tensors(value: Any, position: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """``(position, leaf)`` for every tensor or :class:`TensorRef` inside ``value``, in order."""
+    if isinstance(value, torch.Tensor | TensorRef):
+        yield position, value
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from iter_tensors(v, (*position, i))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from iter_tensors(v, (*position, k))
+
+
+def describe_entry(state_name: str, position: tuple) -> str:
+    """``'old_dirs'[2]`` for messages."""
+    return repr(state_name) + "".join(f"[{p!r}]" for p in position)
 
 
 # ------------------------------------------------------------------------------- saving
@@ -86,7 +135,9 @@ def flatten_optimizer_state(
 
     ``names[i]`` names positional id ``i`` (``None``: the ids themselves, as strings);
     ``shapes[i]`` is that parameter's full shape, recorded so a load can check it before
-    reading. Scalar (0-dim) tensors such as ``step`` stay in the JSON with their dtype.
+    reading. Scalar (0-dim) tensors such as ``step`` stay in the JSON with their dtype (unless
+    JSON cannot hold them exactly: complex, float8); every other tensor, at any depth, is in
+    the returned dict.
     """
     groups = state_dict.get("param_groups")
     state = state_dict.get("state")
@@ -102,26 +153,24 @@ def flatten_optimizer_state(
         body["params"] = [key_of[pid] for pid in group["params"]]
         desc_groups.append(body)
     desc_state: dict[str, dict[str, Any]] = {}
+    nested = False
     for pid, entries in state.items():
         if pid not in key_of:
             raise CheckpointFormatError(f"optimizer state has an entry for id {pid!r} that no param group lists")
         pname = key_of[pid]
         out: dict[str, Any] = {}
         for sname, value in entries.items():
-            if KEY_SEPARATOR in str(sname):
-                raise CheckpointFormatError(f"state name {sname!r} of {pname!r} contains {KEY_SEPARATOR!r}")
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                key = state_key(pname, sname)
-                flat[key] = value
-                out[sname] = TensorRef(key, value.dtype, tuple(value.shape)).to_json()
-            else:
-                if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
-                    value = value.full_tensor()  # a 0-dim DTensor: tiny, every rank has it
-                out[sname] = _encode_or_raise(value, f"state of {pname!r}: {sname}")
+            if not isinstance(sname, str):
+                raise CheckpointFormatError(
+                    f"state name {sname!r} of {pname!r} is not a string; the ckptio layout keys state by name. "
+                    "Save with shard=False (a torch file) instead."
+                )
+            out[sname], deep = _entry_to_json(value, pname, sname, flat)
+            nested = nested or deep
         desc_state[pname] = out
     description: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if nested else 1,
         "named": names is not None,
         "param_groups": desc_groups,
         "state": desc_state,
@@ -131,9 +180,29 @@ def flatten_optimizer_state(
     return flat, description
 
 
-def _encode_or_raise(value: Any, where: str) -> Any:
+def _entry_to_json(value: Any, pname: str, sname: str, flat: dict[str, torch.Tensor]) -> tuple[Any, bool]:
+    """The JSON of one state entry; its tensors go into ``flat``. Also says whether any was nested."""
+    nested = False
+
+    def to_file(tensor: torch.Tensor, position: tuple, where: str) -> Any:
+        nonlocal nested
+        if tensor.dim() == 0 and tagged_json.has_exact_form(tensor):
+            if hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()  # a 0-dim DTensor: tiny, every rank has it
+            return {tagged_json.TENSOR_TAG: tagged_json.encode_tensor(tensor, where)}
+        key = state_key(pname, sname, *position)
+        if key in flat:
+            raise CheckpointFormatError(f"two state tensors would share the file key {key!r}; rename the parameter")
+        flat[key] = tensor
+        nested = nested or bool(position)
+        return TensorRef(key, tensor.dtype, tuple(tensor.shape)).to_json()
+
+    return _encode_or_raise(value, f"state of {pname!r}: {sname}", to_file), nested
+
+
+def _encode_or_raise(value: Any, where: str, on_tensor: tagged_json.TensorHook | None = None) -> Any:
     try:
-        return tagged_json.encode(value, where)
+        return tagged_json.encode(value, where, on_tensor)
     except tagged_json.NotJSONable as exc:
         raise CheckpointFormatError(
             f"optimizer {exc}; the ckptio format keeps only tensors, numbers, strings, lists, tuples "
@@ -151,7 +220,8 @@ class TensorRef:
     shape: tuple[int, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"__ref__": {"key": self.key, "dtype": dtypes.to_name(self.dtype), "shape": list(self.shape)}}
+        body = {"key": self.key, "dtype": dtypes.to_name(self.dtype), "shape": list(self.shape)}
+        return {tagged_json.REF_TAG: body}
 
     @classmethod
     def from_json(cls, body: Any, *, path: str | None) -> TensorRef:
@@ -199,11 +269,7 @@ def saved_from_description(desc: Any, *, path: str | None = None) -> SavedOptimi
             if not isinstance(entries, dict):
                 raise CheckpointFormatError(f"state of {pname!r} must be an object", path=path)
             parsed_state[pname] = {
-                s: (
-                    TensorRef.from_json(v["__ref__"], path=path)
-                    if isinstance(v, dict) and set(v) == {"__ref__"}
-                    else tagged_json.decode(v)
-                )
+                s: tagged_json.decode(v, lambda body: TensorRef.from_json(body, path=path))
                 for s, v in entries.items()
             }
     except ValueError as exc:
@@ -251,7 +317,39 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-_ELEMENTWISE_STATE_CHECK = "torch.optim"
+# The shape torch's own optimizers give each state tensor, from the parameter's shape and the
+# number of elements of its param group: a file without parameter shapes (a torch file,
+# ColossalAI's layout) is checked against these, so a checkpoint of another model is refused
+# before anything is loaded. Optimizers not listed (other libraries', subclasses) are not checked.
+ShapeRule = Callable[[str, tuple[int, ...], int], tuple[int, ...]]
+
+
+def _elementwise(state_name: str, shape: tuple[int, ...], group_numel: int) -> tuple[int, ...]:
+    return shape
+
+
+def _factored(state_name: str, shape: tuple[int, ...], group_numel: int) -> tuple[int, ...]:
+    """Adafactor: row and column statistics of a matrix (or of the last two dims)."""
+    if len(shape) >= 2 and state_name == "row_var":
+        return (*shape[:-1], 1)
+    if len(shape) >= 2 and state_name == "col_var":
+        return (*shape[:-2], 1, shape[-1])
+    return shape
+
+
+def _flat(state_name: str, shape: tuple[int, ...], group_numel: int) -> tuple[int, ...]:
+    """LBFGS: one flat vector over every parameter (``d``, ``old_dirs[i]``...), kept on the first."""
+    return (group_numel,)
+
+
+_ELEMENTWISE = ("SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop")
+_ELEMENTWISE += ("Rprop", "SparseAdam", "Muon")
+STATE_SHAPES: dict[type, ShapeRule] = {
+    cls: rule
+    for names, rule in ((_ELEMENTWISE, _elementwise), (("Adafactor",), _factored), (("LBFGS",), _flat))
+    for name in names
+    if isinstance(cls := getattr(torch.optim, name, None), type)
+}
 
 
 def match_saved_to_live(
@@ -275,8 +373,10 @@ def match_saved_to_live(
     live_ids: dict[int, torch.Tensor] = {}
     state: dict[int, dict[str, Any]] = {}
     out_groups = []
+    rule = STATE_SHAPES.get(type(optimizer))
     pid = 0
     for g, (sgroup, lgroup) in enumerate(zip(saved.groups, live_groups)):
+        group_numel = sum(p.numel() for p in lgroup)
         skeys = sgroup["params"]
         if by_name:
             lkeys = [names[pid + j] for j in range(len(lgroup))]  # type: ignore[index]
@@ -298,7 +398,7 @@ def match_saved_to_live(
         ids = []
         for j, (key, param) in enumerate(zip(lkeys, lgroup)):
             label = names[pid + j] if names is not None else f"parameter {pid + j} (param group {g})"
-            _check_param(saved, key, param, label, optimizer)
+            _check_param(saved, key, param, label, rule, group_numel, type(optimizer).__name__)
             live_ids[pid + j] = param
             if key in saved.state:
                 state[pid + j] = dict(saved.state[key])
@@ -317,21 +417,26 @@ def _group_of(saved: SavedOptimizer, key: str) -> int | None:
     return None
 
 
-def _check_param(saved: SavedOptimizer, key: str, param: torch.Tensor, label: str, optimizer) -> None:
+def _check_param(
+    saved: SavedOptimizer, key: str, param: torch.Tensor, label: str, rule: ShapeRule | None, numel: int, kind: str
+) -> None:
     path = saved.path
     full = saved.param_shapes.get(key)
     if full is not None and tuple(full) != _shape(param):
         raise _mismatch(
             f"{label}: the optimizer's parameter has shape {list(param.shape)}, the checkpoint's has {list(full)}", path
         )
-    if full is None and type(optimizer).__module__.startswith(_ELEMENTWISE_STATE_CHECK):
-        # torch's optimizers keep element-wise state shaped like the parameter.
-        for sname, value in saved.state.get(key, {}).items():
-            shape = value.shape if isinstance(value, TensorRef | torch.Tensor) else None
-            if shape is not None and len(shape) > 0 and tuple(shape) != _shape(param):
+    if full is not None or rule is None:
+        return
+    for sname, value in saved.state.get(key, {}).items():
+        for position, tensor in iter_tensors(value):
+            if len(tensor.shape) == 0:
+                continue  # scalars (step, LBFGS's ro[i]) say nothing about the parameter
+            expected = rule(sname, _shape(param), numel)
+            if tuple(tensor.shape) != expected:
                 raise _mismatch(
-                    f"{label}: state {sname!r} has shape {list(shape)} in the checkpoint, "
-                    f"the parameter has {list(param.shape)}",
+                    f"{label}: state {describe_entry(sname, position)} has shape {list(tensor.shape)} in the "
+                    f"checkpoint; {kind} keeps {list(expected)} for this parameter (shape {list(param.shape)})",
                     path,
                 )
 
@@ -339,15 +444,9 @@ def _check_param(saved: SavedOptimizer, key: str, param: torch.Tensor, label: st
 Reader = Callable[[TensorRef, torch.Tensor], torch.Tensor]
 
 
-def iter_refs(state_dict: dict[str, Any]) -> Iterator[tuple[int, str, TensorRef]]:
+def materialize(state_dict: dict[str, Any], params: dict[int, torch.Tensor], read: Reader) -> dict[str, Any]:
+    """Replace every :class:`TensorRef`, at any depth, by ``read(ref, live_param)``; returns the dict."""
     for pid, entries in state_dict["state"].items():
         for sname, value in entries.items():
-            if isinstance(value, TensorRef):
-                yield pid, sname, value
-
-
-def materialize(state_dict: dict[str, Any], params: dict[int, torch.Tensor], read: Reader) -> dict[str, Any]:
-    """Replace every :class:`TensorRef` by ``read(ref, live_param)``, in place; returns the dict."""
-    for pid, sname, ref in list(iter_refs(state_dict)):
-        state_dict["state"][pid][sname] = read(ref, params[pid])
+            entries[sname] = map_tensors(value, lambda v, p=params[pid]: read(v, p) if isinstance(v, TensorRef) else v)
     return state_dict

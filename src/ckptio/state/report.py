@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,25 +51,39 @@ def describe_tensor(dtype: torch.dtype, shape) -> str:
     return f"{str(dtype).removeprefix('torch.')}{list(shape)}"
 
 
-def strip_wrapper_prefix(key: str) -> str:
-    """``module.layer.weight`` -> ``layer.weight``, for files written from wrapped models."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
+def wrapper_prefix(file_keys: Iterable[str], live_keys: Container[str]) -> str:
+    """The wrapper prefix to drop from every key of a checkpoint (``""`` for none).
+
+    Decided once for the whole checkpoint, never per key: a model may own a submodule called
+    ``module`` (``AveragedModel``, wrapper classes), so ``module.linear.weight`` is either its
+    own tensor or a DDP-saved ``linear.weight``, and only all the keys together tell which.
+    A level (``module.``, ``_orig_mod.``) is a candidate only when every key carries it;
+    among the candidates (none stripped, one level, two, ...) the one under which most keys
+    name a live tensor wins, and a tie keeps fewer levels, so names that already fit are
+    never touched.
+    """
+    keys = list(dict.fromkeys(file_keys))
+    best, best_hits, stripped = "", sum(k in live_keys for k in keys), ""
+    while keys:
+        level = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in keys)), None)
+        if level is None:
+            break
+        keys = [k[len(level) :] for k in keys]
+        stripped += level
+        hits = sum(k in live_keys for k in keys)
+        if hits > best_hits:
+            best, best_hits = stripped, hits
+    return best
 
 
-def match_keys(file_keys: list[str], live_keys) -> tuple[dict[str, str], list[str]]:
-    """Map checkpoint keys to live keys, accepting ``module.`` style prefixes; return unexpected."""
+def match_keys(file_keys: list[str], live_keys: Container[str], prefix: str = "") -> tuple[dict[str, str], list[str]]:
+    """Map checkpoint keys to live keys after dropping ``prefix`` (the checkpoint's wrapper
+    prefix, see :func:`wrapper_prefix`) from each; return the mapping and the unexpected keys."""
     mapping, unexpected = {}, []
     for key in file_keys:
-        if key in live_keys:
-            mapping[key] = key
-        elif (stripped := strip_wrapper_prefix(key)) in live_keys:
-            mapping[key] = stripped
+        live = key[len(prefix) :] if key.startswith(prefix) else key
+        if live in live_keys:
+            mapping[key] = live
         else:
             unexpected.append(key)
     return mapping, unexpected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import unquote
 
 # `C:\\x` is a Windows drive, not a URL scheme; schemes have at least two letters.
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
@@ -18,9 +19,27 @@ def is_url(checkpoint: str | os.PathLike | object) -> bool:
 
 
 def local_path(checkpoint: str | os.PathLike) -> str:
-    """``file:///x`` -> ``/x``; any other path unchanged."""
+    """``file:///x`` -> ``/x``; any other path or URL unchanged, as a string.
+
+    As in RFC 8089 (and pathlib's ``as_uri``), the host is empty or ``localhost`` and
+    percent-escapes are decoded; any other form raises, so ``file://`` never reaches the code
+    below as a relative path ``./file:/x``.
+    """
     text = os.fspath(checkpoint)
-    return text[len(_FILE_SCHEME) :] if text.lower().startswith(_FILE_SCHEME) else text
+    if text[: len(_FILE_SCHEME)].lower() != _FILE_SCHEME:
+        return text
+    rest = text[len(_FILE_SCHEME) :]
+    if rest[: len("localhost/")].lower() == "localhost/":
+        rest = rest[len("localhost") :]
+    if not rest.startswith("/"):
+        from ckptio.errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(
+            "a file:// URL names a path on this machine and must be absolute: file:///abs/path "
+            "(or file://localhost/abs/path)",
+            path=text,
+        )
+    return unquote(rest)
 
 
 def url_basename(url: str) -> str:

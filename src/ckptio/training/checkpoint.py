@@ -38,7 +38,7 @@ from ckptio.layouts.model import MiB, ModelSaveOptions
 from ckptio.layouts.optimizer import OptimizerSaveOptions
 from ckptio.state.optimizer import register_model
 from ckptio.storage import atomic
-from ckptio.storage.location import is_url, join, normalize, readable
+from ckptio.storage.location import is_url, join, local_path, normalize, readable
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
 from ckptio.training import rng
@@ -58,7 +58,7 @@ parse_checkpoint_name = naming.parse_checkpoint_name
 
 def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:
     """Write ``data`` as JSON to ``file_path``, atomically (ColossalChat's helper)."""
-    commit = atomic.FileCommit(file_path).begin()
+    commit = atomic.FileCommit(local_path(file_path)).begin()
     with atomic.aborting_on_error(commit):
         record = commit.writer.write(commit.staging_name, [(json.dumps(data, indent=4) + "\n").encode("utf-8")])
         commit.commit(record)
@@ -66,7 +66,7 @@ def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:
 
 def load_json(file_path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON object (ColossalChat's helper); errors name the file."""
-    data = read_json_file(file_path, what="JSON file")
+    data = read_json_file(local_path(file_path), what="JSON file")
     if not isinstance(data, dict):
         raise CheckpointFormatError("expected a JSON object", path=file_path)
     return data
@@ -140,7 +140,7 @@ def save_checkpoint(
     parts.append(FilesPart({RUNNING_STATES: running_bytes}, master_only=True))
     # use_async: booster.wait() makes it durable
     io.save_parts(target, parts, folder=True, group=group, use_async=use_async, what=f"training checkpoint {target}")
-    return target if is_url(target) else Path(save_dir) / checkpoint_name(epoch, step)
+    return target if is_url(target) else Path(target)
 
 
 def load_checkpoint(

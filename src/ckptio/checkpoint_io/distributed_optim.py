@@ -20,7 +20,7 @@ from ckptio.checkpoint_io import optimizer_state as ostate
 from ckptio.checkpoint_io.distributed_state import WriteSpec, write_state
 from ckptio.checkpoint_io.distributed_tensors import BoxReader, is_dtensor, local_region
 from ckptio.checkpoint_io.model_files import ModelFilePlan
-from ckptio.errors import CheckpointCorruptError, CheckpointFormatError
+from ckptio.errors import CheckpointCorruptError
 from ckptio.formats import colossal_optim, torch_format
 from ckptio.formats.hf_index import read_index
 from ckptio.planning.collectives import Group, collective_step, peer_failure
@@ -216,6 +216,12 @@ class _BoxRefReader:
 
 def load_optimizer_local(optimizer: torch.optim.Optimizer, checkpoint: str, *, verify: bool) -> None:
     """This rank's part of a collective optimizer load (any layout, any saved world size)."""
+    ofiles.apply_optimizer_state(optimizer, prepare_optimizer_local(optimizer, checkpoint, verify=verify), checkpoint)
+
+
+def prepare_optimizer_local(optimizer: torch.optim.Optimizer, checkpoint: str, *, verify: bool) -> dict[str, Any]:
+    """This rank's part of the state to load, read and checked against ``optimizer`` without
+    changing it (no collectives: every rank decides alone, the caller gathers the verdicts)."""
     located = ofiles.locate_optimizer(checkpoint)
     saved, reader = ofiles.read_saved_optimizer(located, verify=verify)
     if reader is not None:
@@ -232,7 +238,4 @@ def load_optimizer_local(optimizer: torch.optim.Optimizer, checkpoint: str, *, v
             for sname, value in entries.items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     entries[sname] = shard_like(value, params[pid])
-    try:
-        optimizer.load_state_dict(skeleton)
-    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise CheckpointFormatError(f"optimizer refused the loaded state: {exc}", path=checkpoint) from exc
+    return skeleton

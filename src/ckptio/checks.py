@@ -14,7 +14,7 @@ from pathlib import Path
 from ckptio.checkpoint_io.model_files import WeightsFile, locate_model
 from ckptio.errors import CheckpointError
 from ckptio.formats import safetensors_format
-from ckptio.formats.naming import TMP_MARK
+from ckptio.formats.naming import DELETE_MARK, TMP_MARK
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import file_checksum
 from ckptio.training.checkpoint import (
@@ -223,6 +223,9 @@ def verify_save_dir(folder: Path, checksums: bool) -> Report:
     leftovers = sorted(p.name for p in folder.iterdir() if TMP_MARK in p.name)
     if leftovers:
         ok.append(f"{len(leftovers)} unfinished save(s) left by a crash, ignored (the next save removes them)")
+    deleting = sorted(p.name for p in folder.iterdir() if DELETE_MARK in p.name)
+    if deleting:
+        ok.append(f"{len(deleting)} checkpoint deletion(s) cut short by a crash, ignored (the next save removes them)")
     return ok, problems
 
 

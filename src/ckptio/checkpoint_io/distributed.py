@@ -14,6 +14,7 @@ parameters are DTensors: the layout travels with the tensors. Every method is co
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from ckptio.checkpoint_io import distributed_optim as doptim
 from ckptio.checkpoint_io.distributed_state import (
     WriteSpec,
+    _plan_load,
     load_state,
     save_state,
     state_aliases,
@@ -40,7 +42,8 @@ from ckptio.checkpoint_io.model_files import (
     write_model_metadata,
 )
 from ckptio.checkpoint_io.model_state import LoadReport, clean_key, unwrap_model
-from ckptio.checkpoint_io.optimizer_files import OptimizerSaveOptions, owned_files
+from ckptio.checkpoint_io.optimizer_files import OptimizerSaveOptions, apply_optimizer_state, owned_files
+from ckptio.errors import StateMismatchError
 from ckptio.planning.collectives import Group, collective_step
 
 
@@ -204,11 +207,13 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
         write(flat, self.group)
 
     def _load_optimizer(self, optimizer, checkpoint: str, *, low_cpu_mem_mode, num_threads, verify):
-        collective_step(
+        # Checked and read on every rank first: no rank changes its optimizer unless every rank can.
+        load = collective_step(
             self.group,
-            f"loading the optimizer from {checkpoint}",
-            lambda: doptim.load_optimizer_local(optimizer, checkpoint, verify=verify),
+            f"reading the optimizer from {checkpoint}",
+            lambda: self._prepare_optimizer_load(optimizer, checkpoint, verify=verify),
         )
+        collective_step(self.group, f"loading the optimizer from {checkpoint}", load)
 
     # ------------------------------------------------------------------ lr scheduler
     def _save_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
@@ -224,11 +229,26 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
         )
 
     def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
-        collective_step(
+        load = collective_step(
             self.group,
-            f"loading the LR scheduler from {checkpoint}",
-            lambda: super(DistributedCheckpointIO, self)._load_lr_scheduler(lr_scheduler, checkpoint),
+            f"reading the LR scheduler from {checkpoint}",
+            lambda: self._prepare_lr_scheduler_load(lr_scheduler, checkpoint),
         )
+        collective_step(self.group, f"loading the LR scheduler from {checkpoint}", load)
+
+    # ------------------------------------------------------------------ checking a training checkpoint first
+    def _check_model_load(self, model: nn.Module, checkpoint: str, *, strict: bool) -> LoadReport:
+        dest = live_tensors(model)
+        report = _plan_load(dest, checkpoint, state_aliases(dest), verify=False).report
+        if strict and not report.ok:
+            raise StateMismatchError(
+                f"checkpoint does not fit (strict=True): {report.describe()}", path=checkpoint, report=report
+            )
+        return report
+
+    def _prepare_optimizer_load(self, optimizer, checkpoint: str, *, verify: bool) -> Callable[[], None]:
+        state = doptim.prepare_optimizer_local(optimizer, checkpoint, verify=verify)
+        return lambda: apply_optimizer_state(optimizer, state, checkpoint)
 
     # ------------------------------------------------------------------ inside save_checkpoint
     # ``ckptio.training.save_checkpoint`` stages one folder and calls these on every rank; each

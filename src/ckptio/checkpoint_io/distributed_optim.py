@@ -278,6 +278,12 @@ class _BoxRefReader:
 
 def load_optimizer_local(optimizer: torch.optim.Optimizer, checkpoint: str, *, verify: bool) -> None:
     """This rank's part of a collective optimizer load (any layout, any saved world size)."""
+    ofiles.apply_optimizer_state(optimizer, prepare_optimizer_local(optimizer, checkpoint, verify=verify), checkpoint)
+
+
+def prepare_optimizer_local(optimizer: torch.optim.Optimizer, checkpoint: str, *, verify: bool) -> dict[str, Any]:
+    """This rank's part of the state to load, read and checked against ``optimizer`` without
+    changing it (no collectives: every rank decides alone, the caller gathers the verdicts)."""
     located = ofiles.locate_optimizer(checkpoint)
     saved, reader = ofiles.read_saved_optimizer(located, verify=verify)
     if reader is not None:
@@ -293,7 +299,4 @@ def load_optimizer_local(optimizer: torch.optim.Optimizer, checkpoint: str, *, v
         for pid, entries in skeleton["state"].items():
             for sname, value in entries.items():
                 entries[sname] = ostate.map_tensors(value, lambda t, p=params[pid]: place_like(t, p))
-    try:
-        optimizer.load_state_dict(skeleton)
-    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise CheckpointFormatError(f"optimizer refused the loaded state: {exc}", path=checkpoint) from exc
+    return skeleton

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from torch import nn
@@ -10,12 +11,16 @@ from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.hf_config import hf_config_files
 from ckptio.checkpoint_io.lr_scheduler_files import (
     load_lr_scheduler_state,
+    prepare_lr_scheduler_load,
     save_lr_scheduler_state,
     write_lr_scheduler,
 )
 from ckptio.checkpoint_io.model_files import (
     ModelSaveOptions,
+    _weights_file_shapes,
     load_model_state,
+    locate_model,
+    match_files_to_model,
     save_model_state,
     write_model_files,
 )
@@ -28,12 +33,15 @@ from ckptio.checkpoint_io.model_state import (
 )
 from ckptio.checkpoint_io.optimizer_files import (
     OptimizerSaveOptions,
+    apply_optimizer_state,
     load_optimizer_state,
+    prepare_optimizer_state,
     save_optimizer_state,
     write_optimizer_files,
 )
 from ckptio.checkpoint_io.optimizer_files import snapshot as optimizer_snapshot
 from ckptio.cluster import DistCoordinator
+from ckptio.errors import StateMismatchError
 
 
 def live_model_state(model: nn.Module) -> tuple[dict, dict[str, str]]:
@@ -100,6 +108,26 @@ class GeneralCheckpointIO(CheckpointIO):
 
     def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
         load_lr_scheduler_state(lr_scheduler, checkpoint)
+
+    # ------------------------------------------------------------------ checking a training checkpoint first
+    # ``ckptio.training.load_checkpoint`` checks every part on every rank before it loads any
+    # (one verdict for all ranks), so a refused part leaves the live objects as they were. These
+    # change nothing and run no collectives; the ``_prepare_*`` ones return the call that loads.
+    def _check_model_load(self, model: nn.Module, checkpoint: str, *, strict: bool) -> LoadReport:
+        dest, aliases = live_model_state(model)
+        _, report = match_files_to_model(locate_model(checkpoint), dest, aliases, _weights_file_shapes)
+        if strict and not report.ok:
+            raise StateMismatchError(
+                f"checkpoint does not fit the model (strict=True): {report.describe()}", path=checkpoint, report=report
+            )
+        return report
+
+    def _prepare_optimizer_load(self, optimizer, checkpoint: str, *, verify: bool) -> Callable[[], None]:
+        state = prepare_optimizer_state(optimizer, checkpoint, verify=verify)
+        return lambda: apply_optimizer_state(optimizer, state, checkpoint)
+
+    def _prepare_lr_scheduler_load(self, lr_scheduler, checkpoint: str) -> Callable[[], None]:
+        return prepare_lr_scheduler_load(lr_scheduler, checkpoint)
 
     # ------------------------------------------------------------------ writing into a training checkpoint
     # ``ckptio.training.save_checkpoint`` stages one folder and calls these on EVERY rank with

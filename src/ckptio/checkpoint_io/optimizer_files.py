@@ -284,6 +284,19 @@ def load_optimizer_state(
     verify: bool = False,
 ) -> None:
     """Load any supported layout into ``optimizer``; checks everything before changing it."""
+    state_dict = prepare_optimizer_state(optimizer, checkpoint, model=model, verify=verify)
+    apply_optimizer_state(optimizer, state_dict, checkpoint)
+
+
+def prepare_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    checkpoint: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    verify: bool = False,
+) -> dict[str, Any]:
+    """Read the saved state and check that it fits ``optimizer``, changing nothing; returns the
+    ``state_dict`` (tensors read) that :func:`apply_optimizer_state` loads."""
     saved, reader = read_saved_optimizer(locate_optimizer(checkpoint), verify=verify)
     try:
         skeleton, params = ostate.match_saved_to_live(saved, optimizer, ostate.param_names(optimizer, model))
@@ -292,7 +305,13 @@ def load_optimizer_state(
     finally:
         if reader is not None:
             reader.close()
+    return skeleton
+
+
+def apply_optimizer_state(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], checkpoint: str | os.PathLike
+) -> None:
     try:
-        optimizer.load_state_dict(skeleton)
+        optimizer.load_state_dict(state_dict)
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise CheckpointFormatError(f"optimizer refused the loaded state: {exc}", path=checkpoint) from exc

@@ -7,6 +7,7 @@ from ckptio.cluster import DistCoordinator
 from ckptio.errors import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointExistsError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -28,6 +29,7 @@ __all__ = [
     "DistCoordinator",
     "CheckpointError",
     "CheckpointCorruptError",
+    "CheckpointExistsError",
     "CheckpointFormatError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",

@@ -46,6 +46,10 @@ class CheckpointWriteError(CheckpointError, OSError):
     """Writing or committing a checkpoint failed; the previous checkpoint is untouched."""
 
 
+class CheckpointExistsError(CheckpointWriteError, FileExistsError):
+    """A save would replace or delete checkpoints that belong to another run; nothing was written."""
+
+
 class DistributedCheckpointError(CheckpointError, RuntimeError):
     """One or more ranks failed inside a collective save or load step."""
 
@@ -58,5 +62,6 @@ __all__ = [
     "UnsafeCheckpointError",
     "StateMismatchError",
     "CheckpointWriteError",
+    "CheckpointExistsError",
     "DistributedCheckpointError",
 ]

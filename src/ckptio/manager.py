@@ -7,6 +7,11 @@ committed (for an async save, only once it is durable), so at every moment at le
 complete checkpoint exists. ``latest()`` never trusts a folder by its name alone: it needs
 ``running_states.json`` and, when the folder has a manifest, every listed file at its
 recorded size.
+
+A manager only replaces or deletes checkpoints of its own run: the ones it wrote, and the
+ones it found when :meth:`CheckpointManager.resume` succeeded (the run it continues). A save
+into a folder that holds other checkpoints is refused unless ``discard_existing=True``, so a
+fresh start, or a resume that silently fell through, never overwrites another run.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ from torch import nn
 
 from ckptio.cluster import DistCoordinator
 from ckptio.engine.group import Group, collective_step
-from ckptio.errors import CheckpointError, CheckpointFormatError
+from ckptio.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointFormatError,
+    DistributedCheckpointError,
+    StateMismatchError,
+)
 from ckptio.formats.naming import OLD_MARK, TMP_MARK
 from ckptio.storage import atomic
 from ckptio.storage.location import is_url, local_path
@@ -31,6 +42,7 @@ from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
 from ckptio.training.checkpoint import (
     RUNNING_STATES,
+    checkpoint_name,
     load_checkpoint,
     load_json,
     parse_checkpoint_name,
@@ -63,8 +75,14 @@ class CheckpointManager:
     ``save_every``: :meth:`save` writes only when ``step`` is a multiple of it (``force=True``
     overrides), so the loop can call it every step.
 
-    Every rank calls every method; only the master deletes. Local paths only: object-store
-    URLs work with :func:`ckptio.training.save_checkpoint` directly, without rotation.
+    ``discard_existing``: whether this run may replace the checkpoints already in ``save_dir``
+    that it did not resume from. By default :meth:`save` refuses (``CheckpointExistsError``)
+    while the folder holds any; with ``True`` a same-named save replaces one and the rest are
+    deleted once this run's first checkpoint is committed, so ``latest()`` never mixes two runs.
+
+    Every rank calls every method; the master decides (what is whose, what to delete) and only
+    the master deletes. Local paths only: object-store URLs work with
+    :func:`ckptio.training.save_checkpoint` directly, without rotation.
     """
 
     def __init__(
@@ -76,6 +94,7 @@ class CheckpointManager:
         keep_every: int | None = None,
         save_every: int | None = None,
         coordinator: DistCoordinator | None = None,
+        discard_existing: bool = False,
     ) -> None:
         save_dir = local_path(save_dir)  # file:///x is the local /x
         if is_url(save_dir):
@@ -90,7 +109,11 @@ class CheckpointManager:
         self.save_every = _positive_or_none("save_every", save_every)
         self.coordinator = coordinator or DistCoordinator()
         self._group = Group(getattr(self.coordinator, "group", None))
+        self.discard_existing = bool(discard_existing)
         self._rotation_pending = False
+        self._ours: set[str] = set()  # names of this run's checkpoints: written, or found by a successful resume
+        self._to_discard: set[str] = set()  # another run's, deleted at the next rotation (discard_existing=True)
+        self._last_saved: str | None = None  # never rotated away, whatever sorts after it
 
     # ------------------------------------------------------------------ saving
     def should_save(self, step: int) -> bool:
@@ -114,22 +137,55 @@ class CheckpointManager:
         ``kwargs`` go to :func:`ckptio.training.save_checkpoint` (``sampler``, ``size_per_shard``,
         ``use_safetensors``, ``use_async``, ``extra_states``). With ``use_async=True`` the old
         checkpoints are deleted once the new one is durable: at the next ``save`` or ``wait``,
-        never before.
+        never before. A step this run already saved (or resumed from) is replaced atomically.
+        Raises ``CheckpointExistsError`` on every rank, writing nothing, while ``save_dir`` holds
+        checkpoints that are not this run's (see ``discard_existing``).
         """
         if not force and not self.should_save(step):
             return None
         self.wait()  # the previous (async) save is durable and rotated before the next one starts
-        if self._group.rank == 0:
-            self._remove_leftovers()
-        self._group.barrier()
+        others = collective_step(
+            self._group,
+            f"preparing {self.save_dir} for a save",
+            lambda: self._prepare_folder() if self._group.rank == 0 else None,
+            gather=True,
+        )[0]  # the master's view, the same decision on every rank
+        if others and not self.discard_existing:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise CheckpointExistsError(
+                f"holds {len(others)} checkpoint(s) that this CheckpointManager neither wrote nor resumed from "
+                f"({shown}); saving here would replace or rotate them away, so nothing was saved. To continue "
+                "that run, call manager.resume(...) before saving; to keep it, use another save_dir; to start "
+                "over here, pass discard_existing=True to CheckpointManager (they are then deleted once this "
+                "run's first checkpoint is committed)",
+                path=self.save_dir,
+            )
+        self._to_discard.update(others)
         path = save_checkpoint(
             self.save_dir, self.booster, model, optimizer, lr_scheduler, epoch, step, batch_size, self.coordinator,
             **kwargs,
         )  # fmt: skip
+        name = checkpoint_name(epoch, step)
+        self._ours.add(name)
+        self._to_discard.discard(name)
+        self._last_saved = name
         self._rotation_pending = True
         if not kwargs.get("use_async"):
             self._rotate()
         return path
+
+    def _prepare_folder(self) -> list[str]:
+        """On the master: clear what crashes left, and name the checkpoints that are not this run's.
+
+        A checkpoint is a folder with its name and ``running_states.json`` (a commit always has
+        one, damaged or not); a bare folder with the name is nobody's run and blocks nothing.
+        """
+        self._remove_leftovers()
+        return [
+            e.path.name
+            for e in sorted(self._entries())
+            if e.path.name not in self._ours and (e.path / RUNNING_STATES).is_file()
+        ]
 
     def wait(self) -> None:
         """Block until an async save is durable (its error re-raised here), then rotate."""
@@ -139,24 +195,47 @@ class CheckpointManager:
 
     def _rotate(self) -> None:
         self._rotation_pending = False
-        if self._group.rank == 0 and self.keep_last is not None:
-            entries = sorted(self._entries(), reverse=True)
-            for entry in entries[self.keep_last :]:
-                if self.keep_every is not None and entry.step % self.keep_every == 0:
-                    continue
-                # rename first (atomic), then delete: a crash mid-delete never leaves a half folder under a real name
-                doomed = entry.path.parent / f".{entry.path.name}{OLD_MARK}{atomic.new_token()}"
+        if self._group.rank == 0:
+            for entry in self._doomed():
+                # renamed aside with a mark recovery never restores, then deleted: a crash mid-delete
+                # leaves a hidden folder the next save removes, never a half checkpoint under its name
                 try:
-                    os.rename(entry.path, doomed)
+                    atomic.delete_folder(entry.path)
                 except OSError:
                     continue
-                shutil.rmtree(doomed, ignore_errors=True)
+                self._ours.discard(entry.path.name)
+                self._to_discard.discard(entry.path.name)
         self._group.barrier()
 
+    def _doomed(self) -> list[_Entry]:
+        """What rotation deletes: another run's checkpoints the user chose to discard, and this run's
+        beyond the newest ``keep_last`` complete ones (the one just saved always counts among them).
+
+        Counting only complete ones keeps a resumed run safe: a damaged checkpoint newer than the
+        one it resumed from (a step it will redo) neither pushes the new checkpoints out nor is
+        deleted; damaged ones older than the kept window go. ``keep_every`` ones always stay.
+        """
+        doomed, kept = [], 0
+        for entry in sorted(self._entries(), reverse=True):
+            name = entry.path.name
+            if name in self._to_discard:
+                doomed.append(entry)
+            elif name not in self._ours or self.keep_last is None:
+                continue  # not ours (it appeared since the save began), or no rotation
+            elif name == self._last_saved:
+                kept += 1
+            elif kept < self.keep_last:
+                kept += self._problem(entry.path) is None
+            elif self.keep_every is None or entry.step % self.keep_every != 0:
+                doomed.append(entry)
+        return doomed
+
     def _remove_leftovers(self) -> None:
-        """Drop staging folders of saves that crashed, and put back any checkpoint a crash left aside."""
+        """Drop staging folders of saves that crashed and folders a crash left half-deleted, and
+        put back any checkpoint a crash left aside mid-swap."""
         if not self.save_dir.is_dir():
             return
+        atomic.remove_deleted(self.save_dir)
         for entry in self.save_dir.iterdir():
             if _LEFTOVER_RE.match(entry.name):
                 name = entry.name[1:].split(TMP_MARK)[0].split(OLD_MARK)[0]
@@ -221,19 +300,24 @@ class CheckpointManager:
         """Load the newest good checkpoint; ``(epoch, step, sample_start_index)``, or None if there is none.
 
         ``kwargs`` go to :func:`ckptio.training.load_checkpoint` (``sampler``, ``strict``,
-        ``verify``, ``restore_rng``). A checkpoint whose files are incomplete or (with
-        ``verify=True``) corrupt is skipped with a warning for the next older one; on several
-        ranks that check is one collective step, so every rank skips the same ones. In one
-        process, a checkpoint that then fails to load is skipped too (the older one's load
-        overwrites whatever the failed attempt touched); on several ranks that raises, since
-        the ranks might have failed at different points.
+        ``verify``, ``restore_rng``). A damaged checkpoint (a missing or truncated file, a bad
+        checksum with ``verify=True``, a file that does not parse) is skipped with a warning for
+        the next older one; :func:`load_checkpoint` checks every part before it changes anything,
+        on every rank with one verdict, so every rank skips the same ones and nothing of a skipped
+        one was loaded. A checkpoint that does not fit the live objects (``StateMismatchError``:
+        the job's config or code changed) raises, on every rank: an older one of the same run
+        would not fit either, and starting over would overwrite the run's checkpoints. After a
+        successful resume the checkpoints found here are this run's (saves may replace and
+        rotate them); after None, :meth:`save` refuses while any are left (``discard_existing``).
         """
-        if self._group.rank == 0:
-            self._remove_leftovers()  # a checkpoint left renamed aside by a crash is put back first
-        newest_first = [str(e.path) for e in sorted(self._entries(), reverse=True)] if self._group.rank == 0 else None
-        candidates = self._group.broadcast_object(newest_first, what="agreeing on the checkpoints to resume from")
+        newest_first = collective_step(
+            self._group,
+            f"listing the checkpoints in {self.save_dir}",
+            lambda: self._list_for_resume() if self._group.rank == 0 else None,
+            gather=True,
+        )[0]
         checksums = bool(kwargs.get("verify"))
-        for name in candidates:
+        for name in newest_first:
             path = Path(name)
             try:
                 collective_step(
@@ -242,10 +326,25 @@ class CheckpointManager:
             except (CheckpointError, OSError) as exc:
                 warnings.warn(f"skipping incomplete or damaged checkpoint {path}: {exc}", stacklevel=2)
                 continue
-            if self._group.size > 1:
-                return load_checkpoint(path, self.booster, model, optimizer, lr_scheduler, **kwargs)
             try:
-                return load_checkpoint(path, self.booster, model, optimizer, lr_scheduler, **kwargs)
-            except CheckpointError as exc:
-                warnings.warn(f"could not load {path}, trying an older checkpoint: {exc}", stacklevel=2)
+                where = load_checkpoint(path, self.booster, model, optimizer, lr_scheduler, **kwargs)
+            except StateMismatchError as exc:
+                raise StateMismatchError(
+                    "does not fit this job (did its config or code change?), and older checkpoints of the run would "
+                    "not either, so resume() does not fall back to a fresh start. Resume with the job that wrote it, "
+                    f"or start afresh in another save_dir (or with discard_existing=True). {exc}",
+                    path=path,
+                    report=exc.report,
+                ) from exc
+            except DistributedCheckpointError:
+                raise  # lost contact, or a failure while loading after every check passed: ranks may differ
+            except CheckpointError as exc:  # damage found by the checks: nothing was loaded, on any rank
+                warnings.warn(f"skipping incomplete or damaged checkpoint {path}: {exc}", stacklevel=2)
+                continue
+            self._ours.update(Path(n).name for n in newest_first)
+            return where
         return None
+
+    def _list_for_resume(self) -> list[str]:
+        self._remove_leftovers()  # a checkpoint left renamed aside by a crash is put back first
+        return [str(e.path) for e in sorted(self._entries(), reverse=True)]

@@ -226,3 +226,144 @@ def test_checkpoint_manager_on_2_ranks_skips_a_corrupt_newest_on_every_rank(tmp_
         assert where == (0, 2, 2 * BATCH)
         assert all(torch.equal(state["model"][k], v) for k, v in states[2]["model"].items())
         assert all(torch.equal(state["optim"][0][k], v) for k, v in states[2]["optim"][0].items())
+
+
+def _flip_rng_format(rng_file) -> None:
+    """Same size, so only a checksum would notice: the file is no longer an RNG state."""
+    text = rng_file.read_text()
+    rng_file.write_text(text.replace('"ckptio-rng"', '"ckptio-rnX"'))
+
+
+def _outcome(call):
+    """(result, None) or (None, (error type, message)): the test compares what every rank saw."""
+    try:
+        return call(), None
+    except Exception as exc:  # noqa: BLE001 (judged by the test)
+        return None, (type(exc).__name__, str(exc))
+
+
+def _everything(model, optimizer, scheduler):
+    import random
+
+    return {
+        **_final(model, optimizer),
+        "scheduler": scheduler.state_dict(),
+        "rng": (random.getstate(), torch.get_rng_state()),
+    }
+
+
+def _unchanged(before, after) -> bool:
+    (m0, (s0, g0)), (m1, (s1, g1)) = (before["model"], before["optim"]), (after["model"], after["optim"])
+    return (
+        m0.keys() == m1.keys()
+        and all(torch.equal(m0[k], m1[k]) for k in m0)
+        and g0 == g1
+        and s0.keys() == s1.keys()
+        and all(torch.equal(s0[k], s1[k]) for k in s0)
+        and before["scheduler"] == after["scheduler"]
+        and before["rng"][0] == after["rng"][0]
+        and torch.equal(before["rng"][1], after["rng"][1])
+    )
+
+
+@pytest.mark.parametrize("plugin", ["ddp", "fsdp"])
+def test_a_load_refused_on_one_rank_is_refused_on_every_rank_and_changes_nothing(tmp_path, plugin):
+    """Rank 1's RNG file is damaged (same size): both ranks raise the same error, and neither
+    rank's model, optimizer, scheduler or RNG was touched (rank 0's own parts were all fine, and
+    its checks of them ran no collective that rank 1 would never join)."""
+    save_dir = tmp_path / "run"
+
+    def save():
+        booster, model, optimizer, scheduler = _setup(plugin)
+        _steps(model, optimizer, scheduler, 0, 2)
+        save_checkpoint(save_dir, booster, model, optimizer, scheduler, 0, 2, BATCH)
+
+    def load():
+        if torch.distributed.get_rank() == 1:
+            _flip_rng_format(save_dir / "epoch-0_step-2" / "rng_state" / "rank_00001.json")
+        torch.distributed.barrier()
+        booster, model, optimizer, scheduler = _setup(plugin)
+        _steps(model, optimizer, scheduler, 0, 1)  # live state of its own
+        before = _everything(model, optimizer, scheduler)
+        _, error = _outcome(lambda: load_checkpoint(save_dir / "epoch-0_step-2", booster, model, optimizer, scheduler))
+        return error, _unchanged(before, _everything(model, optimizer, scheduler))
+
+    def scenario(ctx):
+        ctx.phase(2, "save", save)
+        return ctx.phase(2, "load", load)
+
+    results = run_ranks(scenario, 2, tmp_path)
+    assert results[0][0] is not None and results[0][0] == results[1][0], results
+    name, message = results[0][0]
+    assert name == "CheckpointFormatError" and "rank 1" in message and "rank_00001.json" in message, message
+    assert results[0][1] and results[1][1], "no rank may have loaded anything"
+
+
+def test_checkpoint_manager_on_2_ranks_agrees_on_damage_mismatch_and_whose_folder_it_is(tmp_path):
+    """Damage seen by one rank only is skipped by both; a checkpoint that does not fit raises the same
+    StateMismatchError on both; a fresh run refuses, on both, to overwrite the folder's checkpoints."""
+    save_dir = tmp_path / "run"
+
+    def save():
+        booster, model, optimizer, scheduler = _setup("ddp")
+        manager = CheckpointManager(save_dir, booster, keep_last=None)
+        states = {}
+        for step in (2, 4):
+            _steps(model, optimizer, scheduler, step - 2, step)
+            manager.save(model, optimizer, scheduler, 0, step, BATCH)
+            states[step] = _final(model, optimizer)
+        return states
+
+    def resume_past_damage():
+        if torch.distributed.get_rank() == 1:
+            _flip_rng_format(save_dir / "epoch-0_step-4" / "rng_state" / "rank_00001.json")
+        torch.distributed.barrier()
+        booster, model, optimizer, scheduler = _setup("ddp")
+        where, error = _outcome(lambda: CheckpointManager(save_dir, booster).resume(model, optimizer, scheduler))
+        return where, error, _final(model, optimizer)
+
+    def resume_into_another_model():
+        booster, model, optimizer, scheduler = _setup_other_head()
+        before = _everything(model, optimizer, scheduler)
+        _, error = _outcome(lambda: CheckpointManager(save_dir, booster).resume(model, optimizer, scheduler))
+        return error, _unchanged(before, _everything(model, optimizer, scheduler))
+
+    def fresh_run():
+        booster, model, optimizer, scheduler = _setup("ddp")
+        manager = CheckpointManager(save_dir, booster, keep_last=1)
+        _, error = _outcome(lambda: manager.save(model, optimizer, scheduler, 0, 1, BATCH))
+        return error, sorted(p.name for p in save_dir.iterdir())
+
+    def scenario(ctx):
+        return (
+            ctx.phase(2, "save", save),
+            ctx.phase(2, "damage", resume_past_damage),
+            ctx.phase(2, "mismatch", resume_into_another_model),
+            ctx.phase(2, "fresh", fresh_run),
+        )
+
+    results = run_ranks(scenario, 2, tmp_path)
+    for rank in range(2):
+        states, (where, error, state), (mismatch, unchanged), (refused, names) = results[rank]
+        assert error is None and where == (0, 2, 2 * BATCH), (where, error)
+        assert all(torch.equal(state["model"][k], v) for k, v in states[2]["model"].items())
+        assert mismatch == results[0][2][0] and mismatch[0] == "StateMismatchError", mismatch
+        assert "epoch-0_step-4" in mismatch[1] and "head.weight" in mismatch[1], mismatch
+        assert unchanged
+        assert refused == results[0][3][0] and refused[0] == "CheckpointExistsError", refused
+        assert "epoch-0_step-2" in refused[1] and "discard_existing=True" in refused[1], refused
+        assert names == ["epoch-0_step-2", "epoch-0_step-4"]
+
+
+def _setup_other_head():
+    """The job after a config change: a head with 7 outputs instead of 5."""
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(100 + rank)
+    model = make_uneven(0)
+    model.head = torch.nn.Linear(6, 7)
+    model.register_buffer("scale", torch.linspace(0.5, 1.5, 7))
+    optimizer = make_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    booster = Booster(plugin=TorchDDPPlugin())
+    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    return booster, model, optimizer, scheduler

@@ -144,9 +144,9 @@ def test_full_disk_during_training_checkpoint_keeps_the_latest(disk):
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     saved_state = {k: v.clone() for k, v in optimizer.state[next(iter(model.parameters()))].items()}
 
-    booster2, model2, optimizer2 = _trainer(2)
+    _, model2, optimizer2 = _trainer(2)
     with pytest.raises(CheckpointWriteError) as info:
-        CheckpointManager(disk.root / "run", booster2, keep_last=3).save(model2, optimizer2, None, 0, 20, 4)
+        manager.save(model2, optimizer2, None, 0, 20, 4)
     assert_disk_full_error(info, disk.root)
     assert leftovers(disk.root) == []
 

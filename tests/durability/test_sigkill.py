@@ -60,7 +60,8 @@ def saver(save_dir: str, first_step: int, use_async: bool) -> None:
     """Save forever (until killed): each step once, odd steps a second time over the same folder."""
     torch.set_num_threads(1)
     booster, model, optimizer = build()
-    manager = CheckpointManager(save_dir, booster, keep_last=2)
+    # each restart starts over in the killed runs' folder: its first commit replaces their checkpoints
+    manager = CheckpointManager(save_dir, booster, keep_last=2, discard_existing=True)
     step = first_step
     while True:
         values = (step, step + 0.5) if step % 2 else (step,)
@@ -113,6 +114,6 @@ def test_sigkill_at_random_moments_never_exposes_a_partial_checkpoint(tmp_path):
     # the next save cleans up whatever the kills left behind
     booster, model, optimizer = build()
     fill(model, optimizer, 7.0)
-    CheckpointManager(tmp_path, booster, keep_last=2).save(model, optimizer, None, 99, 7, 1)
+    CheckpointManager(tmp_path, booster, keep_last=2, discard_existing=True).save(model, optimizer, None, 99, 7, 1)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert check_latest(tmp_path) == 7.0

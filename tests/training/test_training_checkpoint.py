@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -10,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from ckptio import Booster, CheckpointCorruptError, CheckpointNotFoundError, DistCoordinator
+from ckptio import (
+    Booster,
+    CheckpointCorruptError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    DistCoordinator,
+    StateMismatchError,
+)
 from ckptio.training import (
     StatefulDistributedSampler,
     capture_rng_state,
@@ -195,3 +203,65 @@ def test_missing_rng_file_is_an_error_with_manifest_and_a_warning_without(tmp_pa
     (path / "ckptio_manifest.json").unlink()  # no manifest to catch it: the resume still warns it is not exact
     with pytest.warns(UserWarning, match="rank_00000.json: RNG state file is missing"):
         assert load_checkpoint(path, booster, model, optimizer, scheduler) == (0, 1, 4)
+
+
+def _live_state(model, optimizer, scheduler) -> dict:
+    """Everything a load may change, copied: weights, optimizer and scheduler state, every global RNG."""
+    return {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
+        "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state()),
+    }
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return bool(np.array_equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _flip_rng_format(rng_file) -> None:
+    """Same size (the manifest's size check passes; only verify=True would see it): not an RNG state any more."""
+    text = rng_file.read_text()
+    assert '"ckptio-rng"' in text
+    rng_file.write_text(text.replace('"ckptio-rng"', '"ckptio-rnX"'))
+
+
+@pytest.mark.parametrize("problem", ["corrupt-rng-file", "scheduler-of-another-kind", "optimizer-does-not-fit"])
+def test_a_load_refused_by_any_part_changes_nothing(tmp_path, problem):
+    """Every part is checked before the first one is loaded: the model, optimizer, scheduler and
+    RNG of the live job are exactly as they were when any part is refused."""
+    booster, model, optimizer, scheduler = setup()
+    step(model, optimizer, scheduler)
+    path = save_checkpoint(tmp_path, booster, model, optimizer, scheduler, 0, 3, 4)
+    torch.manual_seed(11)
+    live = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    params = list(live.parameters())
+    live_optimizer = torch.optim.Adam(params, lr=1e-3)
+    live_scheduler = torch.optim.lr_scheduler.StepLR(live_optimizer, 2, 0.5)
+    if problem == "corrupt-rng-file":
+        _flip_rng_format(path / "rng_state" / "rank_00000.json")
+        expected, match = CheckpointFormatError, r"rank_00000\.json.*not a ckptio RNG state"
+    elif problem == "scheduler-of-another-kind":  # the job now uses another scheduler
+        live_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(live_optimizer, 10)
+        expected, match = StateMismatchError, r"lr_scheduler.*CosineAnnealingLR"
+    else:  # the job now has a param group per layer
+        live_optimizer = torch.optim.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 1e-4}], lr=1e-3)
+        live_scheduler = torch.optim.lr_scheduler.StepLR(live_optimizer, 2, 0.5)
+        expected, match = StateMismatchError, r"optimizer\.index\.json.*the optimizer has 2"
+    booster2 = Booster()
+    live, live_optimizer, _, _, live_scheduler = booster2.boost(live, live_optimizer, None, None, live_scheduler)
+    step(live, live_optimizer, live_scheduler, 2)
+    before = _live_state(live, live_optimizer, live_scheduler)
+    with pytest.raises(expected, match=match):
+        load_checkpoint(path, booster2, live, live_optimizer, live_scheduler)
+    after = _live_state(live, live_optimizer, live_scheduler)
+    for part in before:
+        assert _same(before[part], after[part]), f"the refused load changed the {part}"

@@ -12,6 +12,7 @@ rank and many, local and URL share one code path.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -19,17 +20,19 @@ from torch import nn
 
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.engine.group import Group, collective_step
-from ckptio.engine.load import load_state
+from ckptio.engine.load import load_state, match_files
 from ckptio.engine.optimizer import (
     apply_optimizer_load,
     check_restorable_layout,
     flat_optimizer_state,
     full_state_dict_on_master,
-    prepare_optimizer_load,
 )
+from ckptio.engine.optimizer import prepare_optimizer_load as read_optimizer_state
 from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, save_parts, stage_all
+from ckptio.errors import StateMismatchError
 from ckptio.layouts.detect import detect
-from ckptio.layouts.lr_scheduler import load_lr_scheduler_state, prefers_torch, scheduler_file_bytes
+from ckptio.layouts import lr_scheduler as lr_scheduler_layout
+from ckptio.layouts.lr_scheduler import prefers_torch, scheduler_file_bytes
 from ckptio.layouts.model import ModelSaveOptions, model_metadata, model_owned_files
 from ckptio.layouts.optimizer import OptimizerSaveOptions, index_metadata, owned_files, write_full
 from ckptio.state.hf_config import hf_config_files
@@ -177,10 +180,12 @@ class GeneralCheckpointIO(CheckpointIO):
                         use_async=use_async, what=f"optimizer to {checkpoint}")  # fmt: skip
 
     def _load_optimizer(self, optimizer, checkpoint: str, *, low_cpu_mem_mode, num_threads, verify):
-        def load() -> None:
-            skeleton = prepare_optimizer_load(optimizer, detect(checkpoint, "optimizer"), verify=verify)
-            apply_optimizer_load(optimizer, skeleton, checkpoint)
-
+        # Checked and read on every rank first: no rank changes its optimizer unless every rank can.
+        load = collective_step(
+            self.group,
+            f"reading the optimizer from {checkpoint}",
+            lambda: self.prepare_optimizer_load(optimizer, checkpoint, verify=verify),
+        )
         collective_step(self.group, f"loading the optimizer from {checkpoint}", load)
 
     # ------------------------------------------------------------------ lr scheduler
@@ -189,9 +194,33 @@ class GeneralCheckpointIO(CheckpointIO):
         self.save_parts(checkpoint, [part], folder=False)
 
     def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
-        collective_step(
+        load = collective_step(
             self.group,
-            f"loading the LR scheduler from {checkpoint}",
-            lambda: load_lr_scheduler_state(lr_scheduler, checkpoint),
+            f"reading the LR scheduler from {checkpoint}",
+            lambda: self.prepare_lr_scheduler_load(lr_scheduler, checkpoint),
         )
+        collective_step(self.group, f"loading the LR scheduler from {checkpoint}", load)
+
+    # ------------------------------------------------------------------ checking before loading
+    # ``ckptio.training.load_checkpoint`` checks every part on every rank before it loads any
+    # (one verdict for all ranks), so a refused part leaves the live objects as they were. These
+    # change nothing and run no collectives; the ``prepare_*`` ones return the call that loads.
+    def check_model_load(self, model: nn.Module, checkpoint: str, *, strict: bool) -> LoadReport:
+        """The fit of a model checkpoint to ``model`` from the headers alone (strict: raises)."""
+        dest = live_state(model)
+        _, report = match_files(detect(checkpoint, "model"), dest, tied_aliases(dest))
+        if strict and not report.ok:
+            raise StateMismatchError(
+                f"checkpoint does not fit the model (strict=True): {report.describe()}", path=checkpoint, report=report
+            )
+        return report
+
+    def prepare_optimizer_load(self, optimizer, checkpoint: str, *, verify: bool) -> Callable[[], None]:
+        """Read and check this rank's optimizer state; returns the call that loads it."""
+        state = read_optimizer_state(optimizer, detect(checkpoint, "optimizer"), verify=verify)
+        return lambda: apply_optimizer_load(optimizer, state, checkpoint)
+
+    def prepare_lr_scheduler_load(self, lr_scheduler, checkpoint: str) -> Callable[[], None]:
+        """Read and check a scheduler file against ``lr_scheduler``; returns the call that loads it."""
+        return lr_scheduler_layout.prepare_lr_scheduler_load(lr_scheduler, checkpoint)
 

@@ -176,3 +176,64 @@ def raise_if_failed(group: Group, name: str, outcomes: list[_Outcome], local_exc
         raise DistributedCheckpointError(f"{name} failed on {len(failed)} of {group.size} ranks: {details}") from (
             local_exc
         )
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    ok: bool
+    error: str = ""
+    kind: str = ""  # the nearest class of ckptio.errors in the exception's MRO, "" for any other exception
+    path: str | None = None
+
+
+def _error_kind(exc: BaseException) -> str:
+    from ckptio import errors
+
+    if isinstance(exc, errors.DistributedCheckpointError):
+        return ""
+    for cls in type(exc).__mro__:
+        if getattr(errors, cls.__name__, None) is cls:
+            return cls.__name__
+    return ""
+
+
+def agreed_step(group: Group, name: str, fn: Callable[[], T], *, precedence: tuple[type, ...] = ()) -> T:
+    """Run a local check ``fn`` on every rank and reach one verdict: if any rank failed, every rank
+    raises the same error, whose class says what went wrong (unlike :func:`collective_step`, which
+    wraps every failure in :class:`DistributedCheckpointError`).
+
+    The class is the first of ``precedence`` that some rank raised (e.g. ``StateMismatchError``,
+    the user's error, over a damaged file on another rank), else the most specific
+    ``CheckpointError`` class that every failure shares; a failure that is no ``CheckpointError``
+    makes it a ``DistributedCheckpointError``. ``fn`` must not run collectives itself. A world
+    of one runs ``fn`` and raises its own exception.
+    """
+    from ckptio import errors
+
+    if not group.active:
+        return fn()
+    local_exc: BaseException | None = None
+    value: Any = None
+    try:
+        value = fn()
+        verdict = _Verdict(True)
+    except Exception as exc:  # noqa: BLE001 (reported to every rank below)
+        local_exc = exc
+        verdict = _Verdict(False, _describe(exc), _error_kind(exc), getattr(exc, "path", None))
+    verdicts = group.all_gather_object(verdict, what=name)
+    failed = [(r, v) for r, v in enumerate(verdicts) if not v.ok]
+    if not failed:
+        return value
+    classes = [getattr(errors, v.kind) if v.kind else None for _, v in failed]
+    cls: type = errors.DistributedCheckpointError
+    preferred = [p for p in precedence if any(c is not None and issubclass(c, p) for c in classes)]
+    if preferred:
+        cls = preferred[0]
+    elif all(c is not None for c in classes):
+        cls = next(base for base in classes[0].__mro__ if all(issubclass(c, base) for c in classes))
+    details = "; ".join(f"rank {r}: {v.error}" for r, v in failed)
+    error = cls(f"{name} failed on {len(failed)} of {group.size} ranks: {details}")
+    paths = {v.path for _, v in failed}
+    if len(paths) == 1:
+        error.path = paths.pop()  # recorded, not repeated: every rank's message already names its file
+    raise error from local_exc

@@ -30,10 +30,13 @@ COLOSSAL_OPTIM_STATES = "pytorch_optim.bin"
 COLOSSAL_OPTIM_INDEX = "pytorch_optim.bin.index.json"
 COLOSSAL_OPTIM_GROUPS = "pytorch_optim_group.bin"
 
-# Temporaries are hidden siblings: `.NAME.ckptio-tmp-TOKEN` (being written) and
-# `.NAME.ckptio-old-TOKEN` (a replaced checkpoint, deleted right after the commit).
+# Temporaries are hidden siblings: `.NAME.ckptio-tmp-TOKEN` (being written),
+# `.NAME.ckptio-old-TOKEN` (a replaced checkpoint, deleted right after the commit; put back by
+# recovery if a crash hit before the new one was in place) and `.NAME.ckptio-del-TOKEN` (a
+# checkpoint being deleted, e.g. by rotation: never put back, removed by the next save).
 TMP_MARK = ".ckptio-tmp-"
 OLD_MARK = ".ckptio-old-"
+DELETE_MARK = ".ckptio-del-"
 
 # Object stores (fsspec URLs) have no atomic rename: a folder save writes its files under a
 # fresh `ckptio-v-TOKEN/` sub-prefix and then the commit marker, LAST, naming that version.
@@ -182,4 +185,4 @@ def optimizer_files_pattern(prefix: str | None) -> re.Pattern[str]:
 
 
 def is_temporary(name: str) -> bool:
-    return TMP_MARK in name or OLD_MARK in name
+    return TMP_MARK in name or OLD_MARK in name or DELETE_MARK in name

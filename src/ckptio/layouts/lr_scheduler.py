@@ -11,12 +11,14 @@ file ColossalAI writes (read with ``weights_only=True``).
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
-from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError
+from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError, StateMismatchError
 from ckptio.formats import tagged_json, torch_format
 from ckptio.formats.hf_index import read_json_file
 
@@ -71,27 +73,52 @@ def read_lr_scheduler_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def check_lr_scheduler_state(lr_scheduler: Any, state: dict[str, Any], checkpoint: str | os.PathLike) -> None:
-    """Refuse a state that is not this scheduler's, before anything changes."""
-    # torch's schedulers take any dict (``__dict__.update``): refuse one that lacks this
-    # scheduler's public settings (another scheduler's state, or not a scheduler's at all).
-    # Private keys (``_is_initial``, ...) come and go between torch versions, so they may differ.
+def load_lr_scheduler_state(lr_scheduler: Any, checkpoint: str | os.PathLike) -> None:
+    prepare_lr_scheduler_load(lr_scheduler, checkpoint)()
+
+
+def prepare_lr_scheduler_load(lr_scheduler: Any, checkpoint: str | os.PathLike) -> Callable[[], None]:
+    """Read and check the saved state against ``lr_scheduler``, changing nothing; returns the
+    call that loads it.
+
+    torch's schedulers take any dict (``__dict__.update``), so the state must hold this
+    scheduler's public settings (another scheduler's state is refused with
+    :class:`StateMismatchError`: the job changed, not the file), and it is tried first on a
+    copy of the scheduler that shares its optimizer. Private keys (``_is_initial``, ...) come
+    and go between torch versions, so they may differ.
+    """
+    state = read_lr_scheduler_state(checkpoint)
     expected = {k for k in lr_scheduler.state_dict() if not k.startswith("_")}
     missing = sorted(expected - set(state))
-    if missing:
+    if missing and not expected & set(state):
         raise CheckpointFormatError(
-            f"not a state of {type(lr_scheduler).__name__}: it lacks {missing}", path=checkpoint
+            f"not an LR scheduler state: it has none of {type(lr_scheduler).__name__}'s settings {sorted(expected)}",
+            path=checkpoint,
         )
+    if missing:
+        raise StateMismatchError(
+            f"holds the state of another LR scheduler, not of {type(lr_scheduler).__name__}: it lacks {missing}",
+            path=checkpoint,
+        )
+    trial = _copy_sharing_optimizer(lr_scheduler)
+    if trial is not None:
+        _load(trial, state, checkpoint)
+    return lambda: _load(lr_scheduler, state, checkpoint)
 
 
-def apply_lr_scheduler_state(lr_scheduler: Any, state: dict[str, Any], checkpoint: str | os.PathLike) -> None:
+def _copy_sharing_optimizer(lr_scheduler: Any) -> Any:
+    """A deep copy of the scheduler (nested schedulers, lambdas' state) that shares the optimizer,
+    or None when the scheduler cannot be copied (then only the keys were checked)."""
+    optimizer = getattr(lr_scheduler, "optimizer", None)
+    memo = {id(optimizer): optimizer} if optimizer is not None else {}
     try:
-        lr_scheduler.load_state_dict(state)
+        return copy.deepcopy(lr_scheduler, memo)
+    except Exception:  # noqa: BLE001 (an uncopyable attribute: fall back to the key check)
+        return None
+
+
+def _load(lr_scheduler: Any, state: dict[str, Any], checkpoint: str | os.PathLike) -> None:
+    try:
+        lr_scheduler.load_state_dict(copy.deepcopy(state))
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-        raise CheckpointFormatError(f"the LR scheduler refused the saved state: {exc}", path=checkpoint) from exc
-
-
-def load_lr_scheduler_state(lr_scheduler: Any, checkpoint: str | os.PathLike) -> None:
-    state = read_lr_scheduler_state(checkpoint)
-    check_lr_scheduler_state(lr_scheduler, state, checkpoint)
-    apply_lr_scheduler_state(lr_scheduler, state, checkpoint)
+        raise StateMismatchError(f"the LR scheduler refused the saved state: {exc}", path=checkpoint) from exc

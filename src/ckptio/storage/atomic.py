@@ -8,6 +8,11 @@ checkpoint at the target path. Elsewhere the old folder is first renamed aside
 renames. Files in the old folder that this save does not own (another prefix's shards, a
 user's notes) are hard-linked into the new folder before the swap, so they survive.
 
+A checkpoint that is deleted on purpose (rotation) is first renamed to
+``.NAME.ckptio-del-TOKEN``, a mark :func:`recover` never restores: a crash mid-delete leaves
+a hidden folder that no reader looks at and the next save removes, never a half-deleted
+checkpoint under its real name.
+
 Single files are written to a hidden sibling and renamed over the target (atomic on POSIX).
 """
 
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptio.errors import CheckpointWriteError
-from ckptio.formats.naming import MANIFEST, OLD_MARK, TMP_MARK
+from ckptio.formats.naming import DELETE_MARK, MANIFEST, OLD_MARK, TMP_MARK
 from ckptio.storage.base import Commit, FileRecord
 from ckptio.storage.local import LocalFileWriter, fsync_dir
 from ckptio.storage.manifest import Manifest, read_manifest
@@ -90,9 +95,36 @@ def recover(target: str | os.PathLike) -> None:
         _remove(old)
 
 
+def delete_folder(path: str | os.PathLike) -> None:
+    """Delete a committed checkpoint folder so that a crash at any moment leaves either the
+    whole folder under its name or nothing under it: renamed aside with a mark that recovery
+    never restores (durably), then removed."""
+    path = Path(path)
+    doomed = path.parent / f".{path.name}{DELETE_MARK}{new_token()}"
+    os.rename(path, doomed)
+    fsync_dir(path.parent)
+    _remove(doomed)
+
+
+def remove_deleted(folder: str | os.PathLike) -> list[Path]:
+    """Finish deletions a crash interrupted: every ``.NAME.ckptio-del-TOKEN`` directly in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(rf"^\..+{re.escape(DELETE_MARK)}[0-9a-f]+$")
+    removed = [p for p in folder.iterdir() if pattern.match(p.name)]
+    for path in removed:
+        _remove(path)
+    return removed
+
+
 def clean_stale_staging(target: str | os.PathLike, keep: str | None = None) -> list[Path]:
-    """Remove staging folders left by saves that crashed (never loaded, never committed)."""
+    """Remove staging folders left by saves that crashed (never loaded, never committed), and
+    what a crash left of a deletion of ``target``."""
     removed = []
+    for path in _siblings(Path(target), DELETE_MARK):
+        _remove(path)
+        removed.append(path)
     for path in _siblings(Path(target), TMP_MARK):
         if keep is None or not path.name.endswith(keep):
             _remove(path)

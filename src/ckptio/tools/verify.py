@@ -16,6 +16,7 @@ from ckptio.errors import CheckpointError
 from ckptio.formats import safetensors_format
 from ckptio.formats.hf_index import read_json_file
 from ckptio.formats.naming import (
+    DELETE_MARK,
     RNG_DIR,
     RUNNING_STATES,
     TMP_MARK,
@@ -187,6 +188,9 @@ def verify_save_dir(folder: Path, checksums: bool) -> Report:
     leftovers = sorted(p.name for p in folder.iterdir() if TMP_MARK in p.name)
     if leftovers:
         ok.append(f"{len(leftovers)} unfinished save(s) left by a crash, ignored (the next save removes them)")
+    deleting = sorted(p.name for p in folder.iterdir() if DELETE_MARK in p.name)
+    if deleting:
+        ok.append(f"{len(deleting)} checkpoint deletion(s) cut short by a crash, ignored (the next save removes them)")
     return ok, problems
 
 

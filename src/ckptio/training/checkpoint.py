@@ -22,15 +22,17 @@ import copy
 import json
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ckptio.cluster import DistCoordinator
-from ckptio.engine.group import Group
+from ckptio.engine.group import Group, agreed_step, collective_step
 from ckptio.engine.save import FilesPart
-from ckptio.errors import CheckpointFormatError
+from ckptio.errors import CheckpointFormatError, StateMismatchError
 from ckptio.formats import naming
 from ckptio.formats.hf_index import read_json_file
 from ckptio.layouts.detect import detect
@@ -103,6 +105,8 @@ def save_checkpoint(
     (JSON values) are stored in ``running_states.json``. ``use_async=True`` returns once model
     and optimizer are staged (on several ranks, each rank's own parts); the folder is written
     and committed in the background (``booster.wait()`` makes it durable). Returns the path.
+    An existing ``epoch-E_step-S`` folder is replaced atomically, whichever run wrote it
+    (:class:`ckptio.CheckpointManager` is what refuses to overwrite another run's checkpoints).
     """
     epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
     coordinator = coordinator or DistCoordinator()
@@ -161,6 +165,13 @@ def load_checkpoint(
     this rank's RNG states (when the checkpoint has them; ``restore_rng=False`` skips),
     and ``sampler``'s state when given and saved. ``verify=True`` checks every file's
     checksum against the manifest first. Every rank calls it.
+
+    Nothing changes until every part has passed its checks on every rank: running states, the
+    sampler's state, the manifest, this rank's RNG file, the LR scheduler file against the live
+    scheduler, the model's fit and the optimizer's fit (its state is read into memory here, before
+    the model loads). A refused part raises before the live model, optimizer, scheduler, sampler
+    or RNG changes; on several ranks every rank raises the same error: ``StateMismatchError`` when
+    the checkpoint does not fit the job (on any rank), else the kind of damage found.
     """
     with readable(load_dir) as local:
         return _load_checkpoint(
@@ -169,9 +180,55 @@ def load_checkpoint(
         )  # fmt: skip
 
 
+
 def _load_checkpoint(
     load_dir: Path, booster, model, optimizer, lr_scheduler, *, sampler, strict, verify, restore_rng
 ) -> tuple[int, int, int]:
+    io = booster.checkpoint_io
+    group = io.group if isinstance(getattr(io, "group", None), Group) else Group(getattr(io, "group", None))
+    if optimizer is not None:
+        register_model(optimizer, model)
+    checked = agreed_step(
+        group,
+        f"checking {load_dir} before loading it",
+        lambda: _check_everything(load_dir, io, model, optimizer, lr_scheduler, sampler, strict, verify, restore_rng),
+        precedence=(StateMismatchError,),
+    )
+    booster.load_model(model, load_dir / MODEL_DIR, strict=strict)
+    collective_step(group, f"loading the optimizer, LR scheduler, sampler and RNG of {load_dir}", checked.load_rest)
+    if checked.rng_missing is not None:
+        # we wrote one per rank, so its absence means a damaged folder: say the run will not be bit-exact
+        warnings.warn(
+            f"{checked.rng_missing}: RNG state file is missing; random streams keep their current state, "
+            "so the resumed run will not repeat the uninterrupted one exactly",
+            UserWarning,
+            stacklevel=3,
+        )
+    warn_if_world_size_changed(checked.running, DistCoordinator().world_size, where=str(load_dir))
+    return checked.position
+
+
+@dataclass
+class _Checked:
+    """What the checks of a training checkpoint found: where it stands, and the loads still to do."""
+
+    running: dict[str, Any]
+    position: tuple[int, int, int]
+    loads: list[Callable[[], None]]
+    rng_missing: Path | None
+
+    def load_rest(self) -> None:
+        for load in self.loads:
+            load()
+
+
+def _check_everything(
+    load_dir: Path, io: Any, model, optimizer, lr_scheduler, sampler, strict: bool, verify: bool, restore_rng: bool
+) -> _Checked:
+    """Every check of :func:`load_checkpoint` on this rank, cheapest first; changes nothing.
+
+    Returns the loads of optimizer, scheduler, sampler and RNG (the model is loaded by the booster).
+    """
     detect(load_dir, "training")  # a folder left aside by a crash is put back; a non-checkpoint is refused
     running_path = load_dir / RUNNING_STATES
     running = load_json(running_path)
@@ -181,35 +238,29 @@ def _load_checkpoint(
         raise CheckpointFormatError(
             f"{RUNNING_STATES} needs epoch, step and sample_start_index: {exc}", path=running_path
         ) from exc
+    loads: list[Callable[[], None]] = []
     sampler_state = running.get("sampler")
     if sampler is not None and isinstance(sampler_state, dict):
-        try:  # on a shallow copy: a bad sampler state is refused before anything is loaded
+        try:  # on a shallow copy: a state the live sampler refuses does not fit the job, like a scheduler's
             copy.copy(sampler).load_state_dict(sampler_state)
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointFormatError(f"the sampler refused its saved state: {exc}", path=running_path) from exc
+            raise StateMismatchError(f"the sampler refused its saved state: {exc}", path=running_path) from exc
+        loads.append(lambda: sampler.load_state_dict(sampler_state))
     manifest = read_manifest(load_dir)
     if manifest is not None:
         check_against_manifest(load_dir, list(manifest.files), checksums=verify)
-    booster.load_model(model, load_dir / MODEL_DIR, strict=strict)
-    if optimizer is not None:
-        register_model(optimizer, model)
-        booster.load_optimizer(optimizer, load_dir / OPTIMIZER_DIR)
-    if lr_scheduler is not None:
-        booster.load_lr_scheduler(lr_scheduler, load_dir / LR_SCHEDULER_FILE)
-    if sampler is not None and isinstance(sampler_state, dict):
-        sampler.load_state_dict(sampler_state)
+    rng_missing = None
     if restore_rng:
         rank = DistCoordinator().rank
         rng_path = load_dir / rng.rng_file_name(rank)
         if rng_path.is_file():
-            rng.restore_rng_state(read_json_file(rng_path, what="RNG state file"), path=str(rng_path))
+            state = read_json_file(rng_path, what="RNG state file")
+            loads.append(rng.prepare_rng_restore(state, path=str(rng_path)))
         elif running.get("format") == FORMAT and running.get("world_size") == DistCoordinator().world_size:
-            # we wrote one per rank, so its absence means a damaged folder: say the run will not be bit-exact
-            warnings.warn(
-                f"{rng_path}: RNG state file is missing; random streams keep their current state, "
-                "so the resumed run will not repeat the uninterrupted one exactly",
-                UserWarning,
-                stacklevel=3,
-            )
-    warn_if_world_size_changed(running, DistCoordinator().world_size, where=str(load_dir))
-    return epoch, step, start
+            rng_missing = rng_path
+    if lr_scheduler is not None:
+        loads.insert(0, io.prepare_lr_scheduler_load(lr_scheduler, str(load_dir / LR_SCHEDULER_FILE)))
+    io.check_model_load(model, str(load_dir / MODEL_DIR), strict=strict)
+    if optimizer is not None:  # last: it reads the optimizer's state
+        loads.insert(0, io.prepare_optimizer_load(optimizer, str(load_dir / OPTIMIZER_DIR), verify=False))
+    return _Checked(running, (epoch, step, start), loads, rng_missing)

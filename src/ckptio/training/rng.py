@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,6 +67,15 @@ def rng_state_bytes(rank: int = 0) -> bytes:
 
 def restore_rng_state(state: Any, *, path: str | None = None) -> None:
     """Put every generator back; CUDA states are restored for the devices present."""
+    prepare_rng_restore(state, path=path)()
+
+
+def prepare_rng_restore(state: Any, *, path: str | None = None) -> Callable[[], None]:
+    """Check a saved RNG state completely, changing nothing; returns the call that restores it.
+
+    Each part is tried on a scratch generator first, so a bad file is refused before any
+    global generator moves (not after Python's was already reset).
+    """
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointFormatError(f"not a ckptio RNG state file (format {FORMAT!r} expected)", path=path)
     version = state.get("format_version")
@@ -75,28 +85,39 @@ def restore_rng_state(state: Any, *, path: str | None = None) -> None:
         py = state["python"]
         python_state = (py["version"], tuple(py["state"]), py["gauss_next"])
         torch_cpu = _from_b64(state["torch_cpu"])
-        numpy_state = state.get("numpy")
+        numpy_saved = state.get("numpy")
         cuda = [_from_b64(s) for s in state.get("torch_cuda", [])]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointFormatError(f"malformed RNG state: {exc!r}", path=path) from exc
+    n_cuda = min(len(cuda), torch.cuda.device_count()) if cuda and torch.cuda.is_available() else 0
+    numpy_state = None
     try:
+        random.Random().setstate(python_state)
+        torch.Generator().set_state(torch_cpu)
+        if numpy_saved is not None:
+            import numpy as np
+
+            numpy_state = (
+                numpy_saved["name"],
+                np.asarray(numpy_saved["keys"], dtype=np.uint32),
+                numpy_saved["pos"],
+                numpy_saved["has_gauss"],
+                numpy_saved["cached_gaussian"],
+            )
+            np.random.RandomState().set_state(numpy_state)
+        for device in range(n_cuda):
+            torch.Generator(device=f"cuda:{device}").set_state(cuda[device])
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointFormatError(f"RNG state cannot be restored: {exc}", path=path) from exc
+
+    def restore() -> None:
         random.setstate(python_state)
         torch.set_rng_state(torch_cpu)
         if numpy_state is not None:
             import numpy as np
 
-            np.random.set_state(
-                (
-                    numpy_state["name"],
-                    np.asarray(numpy_state["keys"], dtype=np.uint32),
-                    numpy_state["pos"],
-                    numpy_state["has_gauss"],
-                    numpy_state["cached_gaussian"],
-                )
-            )
-        if cuda and torch.cuda.is_available():
-            n = min(len(cuda), torch.cuda.device_count())
-            for device in range(n):
-                torch.cuda.set_rng_state(cuda[device], device)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointFormatError(f"RNG state cannot be restored: {exc}", path=path) from exc
+            np.random.set_state(numpy_state)
+        for device in range(n_cuda):
+            torch.cuda.set_rng_state(cuda[device], device)
+
+    return restore

@@ -30,8 +30,8 @@ from ckptio.engine.optimizer import (
 from ckptio.engine.optimizer import prepare_optimizer_load as read_optimizer_state
 from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, save_parts, stage_all
 from ckptio.errors import StateMismatchError
-from ckptio.layouts.detect import detect
 from ckptio.layouts import lr_scheduler as lr_scheduler_layout
+from ckptio.layouts.detect import detect
 from ckptio.layouts.lr_scheduler import prefers_torch, scheduler_file_bytes
 from ckptio.layouts.model import ModelSaveOptions, model_metadata, model_owned_files
 from ckptio.layouts.optimizer import OptimizerSaveOptions, index_metadata, owned_files, write_full

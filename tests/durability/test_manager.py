@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckptio.checks import verify_path
+from ckptio.tools.verify import verify_path
 from torch import nn
 
 from ckptio import Booster, CheckpointExistsError, CheckpointManager, StateMismatchError

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckptio.tools.verify import verify_path
 from torch import nn
 
 from ckptio import Booster, CheckpointExistsError, CheckpointManager, StateMismatchError
+from ckptio.tools.verify import verify_path
 from ckptio.training import load_checkpoint, save_checkpoint
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ckptio.cluster import DistCoordinator
 from ckptio.engine.group import Group, agreed_step, collective_step
-from ckptio.engine.save import FilesPart
+from ckptio.engine.save import FilesPart, save_parts
 from ckptio.errors import CheckpointFormatError, StateMismatchError
 from ckptio.formats import naming
 from ckptio.formats.hf_index import read_json_file
@@ -39,8 +39,7 @@ from ckptio.layouts.detect import detect
 from ckptio.layouts.model import MiB, ModelSaveOptions
 from ckptio.layouts.optimizer import OptimizerSaveOptions
 from ckptio.state.optimizer import register_model
-from ckptio.storage import atomic
-from ckptio.storage.location import is_url, join, local_path, normalize, readable
+from ckptio.storage.location import is_url, join, normalize, readable
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
 from ckptio.training import rng
@@ -60,15 +59,14 @@ parse_checkpoint_name = naming.parse_checkpoint_name
 
 def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:
     """Write ``data`` as JSON to ``file_path``, atomically (ColossalChat's helper)."""
-    commit = atomic.FileCommit(local_path(file_path)).begin()
-    with atomic.aborting_on_error(commit):
-        record = commit.writer.write(commit.staging_name, [(json.dumps(data, indent=4) + "\n").encode("utf-8")])
-        commit.commit(record)
+    body = (json.dumps(data, indent=4) + "\n").encode("utf-8")
+    save_parts(normalize(file_path), [FilesPart({"json": body}, master_only=False)], Group.of_one(), folder=False)
 
 
 def load_json(file_path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON object (ColossalChat's helper); errors name the file."""
-    data = read_json_file(local_path(file_path), what="JSON file")
+    with readable(file_path) as local:
+        data = read_json_file(local, what="JSON file")
     if not isinstance(data, dict):
         raise CheckpointFormatError("expected a JSON object", path=file_path)
     return data

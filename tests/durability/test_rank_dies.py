@@ -28,6 +28,8 @@ from ckptio.formats.naming import OLD_MARK, TMP_MARK
 from ckptio.plugins import TorchFSDPPlugin
 from tests.dist.models import diff_keys, make_uneven
 
+pytestmark = pytest.mark.dist  # real ranks, forked by hand
+
 COLLECTIVE_TIMEOUT = 30  # seconds; the survivor must fail well before this
 
 

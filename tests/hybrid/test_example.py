@@ -13,6 +13,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hybrid_2d.py"
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_hybrid_2d_example_runs_and_checks_itself(tmp_path):
     done = subprocess.run(
         [sys.executable, str(EXAMPLE), "--steps", "2", "--out", str(tmp_path)],

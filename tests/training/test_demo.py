@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 
 
@@ -40,6 +42,7 @@ def test_demo_resumes_bit_exactly(tmp_path):
     assert (tmp_path / "checkpoints" / "epoch-1_step-1" / "running_states.json").is_file()
 
 
+@pytest.mark.dist
 def test_demo_on_2_fsdp_ranks_with_async_saves_resumes_bit_exactly(tmp_path):
     """The default 2-rank FSDP2 job with use_async=True: the save in flight when the run dies is
     never used, the resume takes the newest committed one, and the result is still exact."""

@@ -8,8 +8,8 @@ import torch
 
 from ckptio import Booster
 from ckptio.training import load_checkpoint, save_checkpoint
+from tests.async_io.test_async_save import _slow_writes
 from tests.helpers import tiny_gpt2
-from tests.perf.test_async import _slow_writes
 
 
 def _train_step(model, optimizer, scheduler):

@@ -37,6 +37,7 @@ TWO_DIMENSIONS = "Two dimensions: tensor parallel x FSDP2 (`HybridParallelPlugin
 TRAINING = "Optimizer, LR scheduler and training checkpoints"
 ASYNC = "Async saves and performance"
 REMOTE = "Remote storage: `s3://` and any fsspec URL"
+CLI = "Command line: `ckptio inspect | verify | convert | diff`"
 SWAP_IMPORTS = "1. Swap the imports"
 
 # (file, heading) of every section with Python blocks -> the test that runs it
@@ -47,6 +48,7 @@ CHECKED = {
     (README, TRAINING): "test_training_section, test_manager_loop_resumes_bit_exact_after_kills",
     (README, ASYNC): "test_async_save",
     (README, REMOTE): "test_remote_storage_on_s3",
+    (README, CLI): "test_tools_from_python",
     (MIGRATING, SWAP_IMPORTS): "test_migration_guide_imports",
 }
 
@@ -127,6 +129,19 @@ def test_async_save(tmp_path, monkeypatch):
     other = _perturbed(ns["model"])
     Booster().load_model(other, tmp_path / "ckpt" / "model", verify=True)
     _assert_same_state(other.state_dict(), before)  # the state at the call, not after optimizer.step()
+
+
+def test_tools_from_python(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = run_section(README, CLI)
+    state = ns["model"].state_dict()
+    info = ns["info"]
+    assert info["kind"] == "model" and info["tensor_count"] == len(state) and info["sharded"]
+    assert len(info["files"]) > 1  # size_per_shard=0.001 gave several shards
+    assert ns["problems"] == [] and any("checksum" in line for line in ns["passed"])
+    other = _perturbed(ns["model"])
+    Booster().load_model(other, tmp_path / "model.bin")  # the converted file holds the model's weights
+    _assert_same_state(other.state_dict(), state)
 
 
 def test_migration_guide_imports(tmp_path, monkeypatch):

@@ -223,3 +223,21 @@ def test_library_functions_take_any_fsspec_url():
     assert report.ok and torch.equal(dest["w"], state["w"]) and torch.equal(dest["b"], state["b"])
     fs, root = fsspec_storage.filesystem(url)
     fs.rm(root, recursive=True)
+
+
+def test_async_save_to_s3_writes_in_the_background_and_commits_once_durable(s3):
+    """The same engine and commit as on disk: use_async=True returns after staging; the marker
+    appears only when the background upload is complete, with the state of the call."""
+    url = f"{s3}/async/model"
+    model, other = make_model(0), make_model(1)
+    booster = Booster()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    booster.save_model(model, url, shard=True, size_per_shard=0.002, use_safetensors=True, use_async=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training goes on: the save must hold the state of the call
+    booster.wait()
+    assert COMMIT_MARKER in listing(url)
+    booster.load_model(other, url, verify=True)
+    got = other.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

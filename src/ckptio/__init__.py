@@ -17,6 +17,7 @@ from ckptio.errors import (
 )
 from ckptio.manager import CheckpointManager
 from ckptio.state.report import LoadReport
+from ckptio.state_dict import load_state_dict, save_state_dict
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,8 @@ __all__ = [
     "CheckpointIO",
     "GeneralCheckpointIO",
     "LoadReport",
+    "load_state_dict",
+    "save_state_dict",
     "DistCoordinator",
     "CheckpointError",
     "CheckpointCorruptError",

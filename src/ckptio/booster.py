@@ -12,7 +12,7 @@ from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.general import GeneralCheckpointIO
 from ckptio.plugins.base import Plugin
 from ckptio.state.optimizer import register_model
-from ckptio.state.report import LoadReport
+from ckptio.state.report import KeyMap, LoadReport
 
 PathLike = str | os.PathLike
 
@@ -78,9 +78,20 @@ class Booster:
         low_cpu_mem_mode: bool = True,
         num_threads: int = 1,
         verify: bool = False,
+        *,
+        key_map: KeyMap | None = None,
+        allow_dtype_cast: bool = True,
     ) -> LoadReport:
-        """Load model weights in any supported layout (see :meth:`CheckpointIO.load_model`)."""
-        return self.checkpoint_io.load_model(model, checkpoint, strict, low_cpu_mem_mode, num_threads, verify)
+        """Load model weights in any supported layout (see :meth:`CheckpointIO.load_model`).
+
+        ``key_map`` (a dict, or a function from checkpoint key to model key; None drops the key)
+        loads part of a checkpoint or renames its keys; tensors of another dtype are cast unless
+        ``allow_dtype_cast=False``. Both are described in :meth:`CheckpointIO.load_model`.
+        """
+        return self.checkpoint_io.load_model(
+            model, checkpoint, strict, low_cpu_mem_mode, num_threads, verify,
+            key_map=key_map, allow_dtype_cast=allow_dtype_cast,
+        )  # fmt: skip
 
     def save_optimizer(
         self,

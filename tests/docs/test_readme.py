@@ -32,6 +32,7 @@ README = ROOT / "README.md"
 MIGRATING = ROOT / "docs" / "migrating_from_colossalai.md"
 
 QUICK_START = "Quick start"
+LOAD_OPTIONS = "Load options: dtypes, meta models, `key_map`, tensors without a model"
 MANY_RANKS = "Many ranks: DDP and FSDP2"
 TWO_DIMENSIONS = "Two dimensions: tensor parallel x FSDP2 (`HybridParallelPlugin`)"
 TRAINING = "Optimizer, LR scheduler and training checkpoints"
@@ -43,6 +44,7 @@ SWAP_IMPORTS = "1. Swap the imports"
 # (file, heading) of every section with Python blocks -> the test that runs it
 CHECKED = {
     (README, QUICK_START): "test_quick_start",
+    (README, LOAD_OPTIONS): "test_load_options",
     (README, MANY_RANKS): "test_many_ranks_on_2_ranks",
     (README, TWO_DIMENSIONS): "test_two_dimensions_on_4_ranks",
     (README, TRAINING): "test_training_section, test_manager_loop_resumes_bit_exact_after_kills",
@@ -113,6 +115,21 @@ def test_quick_start(tmp_path, monkeypatch):
     other = _perturbed(ns["model"])
     Booster().load_model(other, folder)  # the folder holds the model's weights
     _assert_same_state(other.state_dict(), ns["model"].state_dict())
+
+
+def test_load_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ns = run_section(README, LOAD_OPTIONS)
+    state = ns["model"].state_dict()
+    assert [(c.key, c.from_dtype, c.to_dtype) for c in ns["report"].cast] == [
+        (k, "float32", "bfloat16") for k in state
+    ]
+    assert "4 cast to the model's dtype: 0.weight: float32 -> bfloat16" in capsys.readouterr().out
+    _assert_same_state(ns["bf16"].state_dict(), {k: v.to(torch.bfloat16) for k, v in state.items()})
+    assert all(v.device.type == "cpu" for v in ns["empty"].state_dict().values())
+    _assert_same_state(ns["empty"].state_dict(), state)
+    _assert_same_state(ns["first"].state_dict(), {"weight": state["0.weight"], "bias": state["0.bias"]})
+    _assert_same_state(ns["tensors"], {"3.bias": state["3.bias"]})
 
 
 def test_async_save(tmp_path, monkeypatch):

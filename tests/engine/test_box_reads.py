@@ -64,3 +64,17 @@ def test_region_index_and_sources():
     assert tensors.sources(regions) == [(0, regions[0]), (3, regions[3])]  # replicas once, empty boxes never
     assert Region((1, 2), (2, 2)).index() == (slice(1, 3), slice(2, 4))
     assert list(itertools.islice(_boxes((3, 4)), 1)) == [Region((0, 0), (1, 4))]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_box_read_into_another_dtype_is_cast(tensor_file, dtype):
+    """A rank's bf16 shard of an fp32 tensor gets the values cast, not the file's bytes."""
+    path, full = tensor_file
+    with TensorFile(path) as reader:
+        for region in (Region((1, 0, 0, 0), (2, 5, 4, 1000)), Region((2, 1, 1, 10), (3, 3, 2, 500))):
+            out = torch.full(region.shape, -1.0, dtype=dtype)
+            reader.read_box("x", region, out)
+            assert torch.equal(out, full[region.index()].to(dtype)), region
+        scalar = torch.empty((), dtype=dtype)
+        reader.read_box("s", Region((), ()), scalar)
+        assert scalar.item() == 3.5

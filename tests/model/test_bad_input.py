@@ -88,7 +88,7 @@ def test_strict_reports_every_problem_at_once_and_loads_nothing(tmp_path):
     source = randomize(MLPWithBuffers(), 1)
     state = source.state_dict()
     state["fc1.weight"] = torch.zeros(3, 3)
-    state["fc2.bias"] = state["fc2.bias"].double()
+    state["fc2.bias"] = state["fc2.bias"].long()  # integer into float: a mismatch (float64 would be cast)
     del state["scale"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.bin")

@@ -20,7 +20,7 @@ from ckptio.async_io.writer import AsyncSaver
 from ckptio.formats.naming import check_prefix
 from ckptio.layouts.model import MiB, ModelSaveOptions
 from ckptio.progress import module_nbytes, track_io
-from ckptio.state.report import LoadReport
+from ckptio.state.report import KeyMap, LoadReport, key_mapper
 from ckptio.storage.location import normalize, readable
 
 PathLike = str | os.PathLike
@@ -80,17 +80,34 @@ class CheckpointIO(ABC):
         low_cpu_mem_mode: bool = True,
         num_threads: int = 1,
         verify: bool = False,
+        *,
+        key_map: KeyMap | None = None,
+        allow_dtype_cast: bool = True,
     ) -> LoadReport:
         """Load weights saved in any supported layout into ``model`` in place.
 
-        Returns the report of missing / unexpected / mismatched keys (empty when all fit);
-        with ``strict=True`` a non-empty report raises instead, before anything is loaded.
-        ``num_threads`` shard files are read at once (each rank reads only its own boxes).
-        ``low_cpu_mem_mode`` is accepted for ColossalAI's signature: loading always streams
-        shard by shard straight into the live tensors, so extra memory stays below one shard
-        either way. ``verify=True`` checks every checksum of the manifest first.
+        Returns the report of missing / unexpected / mismatched keys (empty when all fit) and
+        of the tensors cast to the model's dtype; with ``strict=True`` a misfit raises instead,
+        before anything is loaded. ``num_threads`` shard files are read at once (each rank
+        reads only its own boxes). ``low_cpu_mem_mode`` is accepted for ColossalAI's
+        signature: loading always streams shard by shard straight into the live tensors, so
+        extra memory stays below one shard either way. ``verify=True`` checks every checksum
+        of the manifest first.
+
+        ``key_map`` renames checkpoint keys to model keys: a dict (keys it does not name keep
+        their name) or a function; a key mapped to None is dropped (neither loaded nor
+        unexpected), and model keys nothing maps to are missing. It sees each key without a
+        wrapper prefix (``module.``) that every key of the checkpoint carries, when dropping
+        the prefix makes more mapped keys name model tensors.
+
+        A tensor stored in another dtype than the model's is cast (fp32 <-> bf16, int32 ->
+        int64) and listed in ``report.cast``; ``allow_dtype_cast=False`` makes any dtype
+        difference a mismatch. Casts that change values (integer <-> floating point, bool,
+        narrowing integers) are always mismatches. Tensors on the ``meta`` device are
+        materialised on the CPU with the loaded values.
         """
         num_threads = _check_threads(num_threads)
+        key_mapper(key_map)  # a key_map of the wrong type is a TypeError before anything is read
         path = _check_path(checkpoint)
         with track_io("load model", lambda: module_nbytes(model), direction="read"), readable(path) as local:
             return self._load_model(
@@ -100,6 +117,8 @@ class CheckpointIO(ABC):
                 low_cpu_mem_mode=bool(low_cpu_mem_mode),
                 num_threads=num_threads,
                 verify=bool(verify),
+                key_map=key_map,
+                allow_dtype_cast=bool(allow_dtype_cast),
             )
 
     # ------------------------------------------------------------------ optimizer
@@ -182,7 +201,9 @@ class CheckpointIO(ABC):
     def _save_model(self, model, checkpoint: str, opts: ModelSaveOptions, *, gather_dtensor, use_async) -> None: ...
 
     @abstractmethod
-    def _load_model(self, model, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify) -> LoadReport: ...
+    def _load_model(
+        self, model, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify, key_map, allow_dtype_cast
+    ) -> LoadReport: ...
 
     @abstractmethod
     def _save_optimizer(self, optimizer, checkpoint: str, **kwargs) -> None: ...

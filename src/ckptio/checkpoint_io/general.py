@@ -165,11 +165,14 @@ class GeneralCheckpointIO(CheckpointIO):
         self.save_parts(checkpoint, [part], folder=opts.shard, owns=owns, use_async=use_async,
                         what=f"model to {checkpoint}")  # fmt: skip
 
-    def _load_model(self, model: nn.Module, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify):
+    def _load_model(
+        self, model: nn.Module, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify, key_map,
+        allow_dtype_cast,
+    ):  # fmt: skip
         dest = live_state(model)
         report: LoadReport = load_state(
             dest, checkpoint, self.group, strict=strict, aliases=tied_aliases(dest), verify=verify,
-            num_threads=num_threads,
+            num_threads=num_threads, key_map=key_map, allow_dtype_cast=allow_dtype_cast,
         )  # fmt: skip
         return report
 
@@ -205,10 +208,14 @@ class GeneralCheckpointIO(CheckpointIO):
     # ``ckptio.training.load_checkpoint`` checks every part on every rank before it loads any
     # (one verdict for all ranks), so a refused part leaves the live objects as they were. These
     # change nothing and run no collectives; the ``prepare_*`` ones return the call that loads.
-    def check_model_load(self, model: nn.Module, checkpoint: str, *, strict: bool) -> LoadReport:
+    def check_model_load(
+        self, model: nn.Module, checkpoint: str, *, strict: bool, key_map=None, allow_dtype_cast: bool = True
+    ) -> LoadReport:
         """The fit of a model checkpoint to ``model`` from the headers alone (strict: raises)."""
         dest = live_state(model)
-        _, report = match_files(detect(checkpoint, "model"), dest, tied_aliases(dest))
+        _, report = match_files(
+            detect(checkpoint, "model"), dest, tied_aliases(dest), key_map=key_map, allow_dtype_cast=allow_dtype_cast
+        )
         if strict and not report.ok:
             raise StateMismatchError(
                 f"checkpoint does not fit the model (strict=True): {report.describe()}", path=checkpoint, report=report

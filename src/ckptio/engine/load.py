@@ -11,6 +11,7 @@ one process), file by file in the order the bytes sit, ``num_threads`` files at 
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,9 +22,19 @@ import torch
 from ckptio.engine.group import Group, collective_step, report_errors
 from ckptio.engine.reader import Shapes, TensorFile, read_shapes
 from ckptio.engine.tensors import is_dtensor, local_part, local_region
-from ckptio.errors import CheckpointCorruptError, StateMismatchError
+from ckptio.errors import CheckpointCorruptError, CheckpointError, StateMismatchError
+from ckptio.formats.dtypes import cast_refusal, to_name
 from ckptio.layouts.detect import Located, detect
-from ckptio.state.report import LoadReport, Mismatch, describe_tensor, match_keys, wrapper_prefix
+from ckptio.state.report import (
+    Cast,
+    KeyMap,
+    LoadReport,
+    Mismatch,
+    describe_tensor,
+    key_mapper,
+    match_keys,
+    wrapper_prefix,
+)
 from ckptio.storage.verify import check_against_manifest
 
 # [(file, [(file_key, live_key), ...]), ...]: what to copy from where
@@ -35,12 +46,24 @@ def match_files(
     dest: dict[str, torch.Tensor],
     aliases: dict[str, str],
     read: Callable[[Path], Shapes] = read_shapes,
+    *,
+    key_map: KeyMap | None = None,
+    allow_dtype_cast: bool = True,
 ) -> tuple[CopyPlan, LoadReport]:
-    """Pair every tensor of every file with its live tensor from the headers alone."""
+    """Pair every tensor of every file with its live tensor from the headers alone.
+
+    Checkpoint keys go through the wrapper prefix (one for the whole checkpoint) and then
+    ``key_map``; keys it drops are neither loaded nor unexpected, and live keys nothing maps to
+    are missing. A dtype difference is a cast (listed in ``report.cast``) unless
+    ``allow_dtype_cast`` is False or the cast would change values (:func:`cast_refusal`): then
+    it is a mismatch, like a shape difference. Tied live tensors (``aliases``: alias -> first
+    name) are one tensor: loading it under any of its names loads them all.
+    """
     report = LoadReport()
     per_file: CopyPlan = []
     loaded: set[str] = set()
     index = located.index
+    to_model = key_mapper(key_map)
     headers = [(name, read(located.folder / name)) for name in located.weight_files]
     for name, shapes in headers:
         if index is not None:
@@ -51,27 +74,86 @@ def match_files(
                     path=located.folder / name,
                 )
     # one prefix for the whole checkpoint: per file (or per key) it could swap tensors
-    prefix = wrapper_prefix((k for _, shapes in headers for k in shapes), dest)
+    prefix = wrapper_prefix((k for _, shapes in headers for k in shapes), dest, to_model)
+    source: dict[str, str] = {}  # live key -> the checkpoint key loaded into it
     for name, shapes in headers:
-        mapping, unexpected = match_keys(list(shapes), dest, prefix)
+        mapping, unexpected, dropped = match_keys(list(shapes), dest, prefix, to_model)
         report.unexpected_keys.extend(unexpected)
+        report.dropped_keys.extend(dropped)
+        where = name if index is not None else ""
         todo = []
         for file_key, live_key in mapping.items():
+            if source.setdefault(live_key, file_key) != file_key:
+                raise StateMismatchError(
+                    f"key_map maps both {source[live_key]!r} and {file_key!r} to the model's {live_key!r}",
+                    path=located.entry_path,
+                )
             dtype, shape = shapes[file_key]
             live = dest[live_key]
-            if live.dtype != dtype or tuple(live.shape) != tuple(shape):
-                where = name if index is not None else ""
+            refusal = None
+            if live.dtype != dtype:
+                refusal = cast_refusal(dtype, live.dtype) if allow_dtype_cast else "allow_dtype_cast=False"
+            same_shape = tuple(live.shape) == tuple(shape)
+            if not same_shape or refusal is not None:
                 found, expected = describe_tensor(dtype, shape), describe_tensor(live.dtype, live.shape)
-                report.mismatched.append(Mismatch(live_key, expected, found, file=where))
+                reason = (refusal or "") if same_shape else ""  # a shape difference says it all
+                report.mismatched.append(Mismatch(live_key, expected, found, file=where, reason=reason))
                 continue
+            if live.dtype != dtype:
+                report.cast.append(Cast(live_key, to_name(dtype), to_name(live.dtype), file=where))
             todo.append((file_key, live_key))
             loaded.add(live_key)
         per_file.append((name, todo))
-    mismatched = {m.key for m in report.mismatched}
+    # a tied tensor is loaded (or mismatched) under any of its names
+    loaded_ties = {aliases.get(k, k) for k in loaded}
+    mismatched_ties = {aliases.get(m.key, m.key) for m in report.mismatched}
     for key in dest:
-        if key not in loaded and key not in mismatched and aliases.get(key) not in loaded:
+        tie = aliases.get(key, key)
+        if tie not in loaded_ties and tie not in mismatched_ties:
             report.missing_keys.append(key)
     return per_file, report
+
+
+def _on_meta(t: torch.Tensor) -> bool:
+    return (local_part(t) if is_dtensor(t) else t).device.type == "meta"
+
+
+def _check_materializable(dest: dict[str, torch.Tensor], per_file: CopyPlan, where) -> None:
+    """Refuse, before anything is read, a meta tensor the load could not replace in place."""
+    for _, todo in per_file:
+        for _, live_key in todo:
+            t = dest[live_key]
+            if not _on_meta(t):
+                continue
+            problem = None
+            if is_dtensor(t):
+                problem = "is a DTensor on the meta device (materialise the sharded model with model.to_empty(...))"
+            elif isinstance(t, torch.nn.Parameter) and type(t) is not torch.nn.Parameter:
+                problem = f"is a {type(t).__name__} (only plain tensors and nn.Parameter are materialised)"
+            elif weakref.getweakrefs(t) or t._use_count() > 2:  # torch.utils.swap_tensors' condition
+                problem = "is referenced elsewhere (a view or a weak reference), so it cannot be replaced in place"
+            if problem is not None:
+                raise CheckpointError(
+                    f"model tensor {live_key!r} is on the meta device and {problem}; "
+                    "move the model to a device first (model.to_empty(device='cpu'))",
+                    path=where,
+                )
+
+
+def _cpu_replacements(dest: dict[str, torch.Tensor], per_file: CopyPlan) -> dict[int, tuple[torch.Tensor, ...]]:
+    """For each meta tensor the load writes: ``id -> (meta tensor, new CPU tensor of its class)``
+    (one per object, so tied names share it)."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for _, todo in per_file:
+        for _, live_key in todo:
+            t = dest[live_key]
+            if id(t) in out or not _on_meta(t):
+                continue
+            real = torch.empty_like(t, device="cpu")
+            if isinstance(t, torch.nn.Parameter):
+                real = torch.nn.Parameter(real, requires_grad=t.requires_grad)
+            out[id(t)] = (t, real)
+    return out
 
 
 @dataclass
@@ -81,9 +163,10 @@ class _LoadPlan:
     report: LoadReport
 
 
-def _plan_load(checkpoint, dest: dict, aliases: dict[str, str], verify: bool) -> _LoadPlan:
+def _plan_load(checkpoint, dest: dict, aliases: dict[str, str], verify: bool, key_map, allow_dtype_cast) -> _LoadPlan:
     located = checkpoint if isinstance(checkpoint, Located) else detect(checkpoint, "model")
-    per_file, report = match_files(located, dest, aliases)
+    per_file, report = match_files(located, dest, aliases, key_map=key_map, allow_dtype_cast=allow_dtype_cast)
+    _check_materializable(dest, per_file, located.entry_path)
     # Each rank checks the sizes (and checksums) of the files it will read.
     check_against_manifest(located.folder, [name for name, todo in per_file if todo], checksums=verify)
     return _LoadPlan(located, per_file, report)
@@ -123,16 +206,25 @@ def load_state(
     aliases: dict[str, str] | None = None,
     verify: bool = False,
     num_threads: int = 1,
+    key_map: KeyMap | None = None,
+    allow_dtype_cast: bool = True,
 ) -> LoadReport:
     """Load a model checkpoint (any supported layout, saved at any world size) into the live
     tensors ``dest`` in place; each rank reads only the boxes it holds.
 
-    Every rank reaches the same verdict on keys, shapes and dtypes; with ``strict=True`` a
-    misfit raises :class:`StateMismatchError` on every rank before anything is written.
+    Every rank reaches the same verdict on keys, shapes and dtypes (see :func:`match_files` for
+    ``key_map`` and ``allow_dtype_cast``); with ``strict=True`` a misfit raises
+    :class:`StateMismatchError` on every rank before anything is written. A live tensor on the
+    ``meta`` device has no memory to write into: it is loaded into a new CPU tensor that then
+    takes its place (``torch.utils.swap_tensors``: the same Python object, so tied names, modules
+    and optimizers that hold it see the loaded values), as ``load_state_dict(assign=True)``
+    does; one the load does not write stays on ``meta`` (and is reported missing).
     """
     aliases = aliases or {}
     where = checkpoint.entry_path if isinstance(checkpoint, Located) else os.fspath(checkpoint)
-    plan: _LoadPlan = collective_step(group, f"checking {where}", lambda: _plan_load(checkpoint, dest, aliases, verify))
+    plan: _LoadPlan = collective_step(
+        group, f"checking {where}", lambda: _plan_load(checkpoint, dest, aliases, verify, key_map, allow_dtype_cast)
+    )
     located = plan.located
     if strict and not plan.report.ok:
         raise StateMismatchError(
@@ -140,16 +232,27 @@ def load_state(
             path=where,
             report=plan.report,
         )
+    replacements = _cpu_replacements(dest, plan.per_file)
+    targets = {k: replacements[id(t)][1] if id(t) in replacements else t for k, t in dest.items()}
     error: BaseException | None = None
     work = [(name, todo) for name, todo in plan.per_file if todo]
     try:
         if num_threads > 1 and len(work) > 1:
             with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ckptio-read") as pool:
-                list(pool.map(lambda item: _copy_file(located.folder, item[0], item[1], dest), work))
+                list(pool.map(lambda item: _copy_file(located.folder, item[0], item[1], targets), work))
         else:
             for name, todo in work:
-                _copy_file(located.folder, name, todo, dest)
+                _copy_file(located.folder, name, todo, targets)
     except Exception as exc:  # noqa: BLE001 (reported to every rank below)
         error = exc
     report_errors(group, f"loading {where}", error)
+    for meta, real in replacements.values():
+        try:
+            torch.utils.swap_tensors(meta, real)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"could not put the loaded tensor in place of a meta tensor: {exc}; move the model to a device "
+                "first (model.to_empty(device='cpu'))",
+                path=where,
+            ) from exc
     return plan.report

@@ -132,12 +132,19 @@ class TensorFile:
 
     def read_box(self, key: str, region: Region, dest: torch.Tensor) -> None:
         """Copy the box ``region`` of tensor ``key`` into ``dest`` (of shape ``region.shape``,
-        any device or layout); only the box's bytes are read from a safetensors file."""
+        any device, layout or dtype: the values are cast, never the bytes reinterpreted); only
+        the box's bytes are read from a safetensors file."""
         try:
             if self._st is not None:
-                direct = dest.device.type == "cpu" and dest.is_contiguous() and type(dest) is torch.Tensor
-                out = dest if direct else torch.empty(region.shape, dtype=dest.dtype)
-                read_safetensors_box(str(self.path), self._st.fileno(), self._st.info(key), region, out)
+                info = self._st.info(key)
+                direct = (
+                    dest.device.type == "cpu"
+                    and dest.is_contiguous()
+                    and type(dest) is torch.Tensor
+                    and dest.dtype == info.dtype
+                )
+                out = dest if direct else torch.empty(region.shape, dtype=info.dtype)
+                read_safetensors_box(str(self.path), self._st.fileno(), info, region, out)
                 if not direct:
                     dest.copy_(out)
                 return

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ckptio.engine.group import Group, peer_failure
+from ckptio.errors import CheckpointError
 
 try:  # torch >= 2.4 exposes the public DTensor module
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -121,6 +122,18 @@ class Deferred:
     load: Callable[[], torch.Tensor]
 
 
+def refuse_meta(state: dict[str, torch.Tensor]) -> None:
+    """Raise, naming them, if tensors of a state to save are on the ``meta`` device: they have
+    no values, and a file of uninitialised bytes would load as if it were weights."""
+    meta = [k for k, t in state.items() if isinstance(t, torch.Tensor) and local_part(t).device.type == "meta"]
+    if meta:
+        shown = ", ".join(meta[:10]) + (f", ... ({len(meta) - 10} more)" if len(meta) > 10 else "")
+        raise CheckpointError(
+            f"{len(meta)} tensors to save are on the meta device and hold no values: {shown}; "
+            "load or initialise them first (model.to_empty(device=...) then load, or load_model into the meta model)"
+        )
+
+
 def can_stage_parts(state: dict[str, torch.Tensor]) -> bool:
     """Whether every DTensor of ``state`` holds one box per rank and no pending reduction,
     which is what a background save needs (anything else takes collectives on the mesh)."""
@@ -139,6 +152,7 @@ def stage_parts(
     copy time are about 1/N of the state each. A sharded DTensor's box is always staged, since
     its writer gathers it. Local work only, no collective.
     """
+    refuse_meta(state)
     regions = {k: local_region(t) for k, t in state.items()}
     needed = {
         k: (t.to_local() if is_dtensor(t) else t)

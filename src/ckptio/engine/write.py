@@ -28,7 +28,15 @@ import torch
 
 from ckptio.engine.group import Group, collective_step, report_errors
 from ckptio.engine.plan import FilePlan, plan_files
-from ckptio.engine.tensors import Deferred, Region, gather_full, is_dtensor, local_region, without_partial
+from ckptio.engine.tensors import (
+    Deferred,
+    Region,
+    gather_full,
+    is_dtensor,
+    local_region,
+    refuse_meta,
+    without_partial,
+)
 from ckptio.errors import CheckpointError
 from ckptio.formats import safetensors_format, torch_format
 from ckptio.storage.base import FileRecord, FileWriter
@@ -60,6 +68,7 @@ class _Described:
 
 
 def _describe(state: dict, group: Group) -> _Described:
+    refuse_meta(state)
     keys = tuple((k, str(t.dtype), tuple(int(d) for d in t.shape)) for k, t in state.items())
     regions = tuple(local_region(t) for t in state.values())
     if not group.active:

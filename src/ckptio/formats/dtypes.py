@@ -67,3 +67,36 @@ def from_name(name: str, *, path=None) -> torch.dtype:
 
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
+
+
+def cast_refusal(found: torch.dtype, expected: torch.dtype) -> str | None:
+    """Why a tensor stored as ``found`` is not cast into a live tensor of ``expected`` (None: it is).
+
+    Casts that keep the meaning of the values are made, as ``load_state_dict`` makes them:
+    between floating-point dtypes (fp32 <-> bf16; precision may be lost, as with ``copy_``),
+    between complex dtypes, and from an integer dtype to one that holds all its values
+    (int32 -> int64). A cast across kinds (integer <-> floating point, bool) or one that narrows
+    integers would silently change values (a float index truncated, an int64 wrapped), so it is
+    a mismatch instead.
+    """
+    if found == expected:
+        return None
+    have, want = _kind(found), _kind(expected)
+    if have != want:
+        return f"no cast from {have} to {want}"
+    if have == "integer":
+        try:
+            src, dst = torch.iinfo(found), torch.iinfo(expected)
+        except TypeError:
+            return "no cast between these integer dtypes"
+        if src.min < dst.min or src.max > dst.max:
+            return f"{to_name(expected)} cannot hold every {to_name(found)} value"
+    return None

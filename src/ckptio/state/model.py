@@ -49,18 +49,19 @@ def live_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """Map each alias key (tied weights) to the first key holding the same tensor.
 
-    DTensors are compared by object identity (a tied parameter is one object), plain tensors
-    by storage, offset, shape and strides, so every rank finds the same aliases whatever its
-    shard holds. Empty and meta tensors share no memory and are never aliases.
+    DTensors and meta tensors are compared by object identity (a tied parameter is one object;
+    meta tensors have no memory to compare), plain tensors by storage, offset, shape and
+    strides, so every rank finds the same aliases whatever its shard holds. Empty tensors
+    share no memory and are never aliases.
     """
     first: dict[object, str] = {}
     aliases: dict[str, str] = {}
     for key, t in state.items():
         if not isinstance(t, torch.Tensor):
             continue
-        if is_dtensor(t):
-            ident: object = ("dtensor", id(t))
-        elif t.numel() == 0 or t.device.type == "meta":
+        if is_dtensor(t) or t.device.type == "meta":
+            ident: object = ("object", id(t))
+        elif t.numel() == 0:
             continue
         else:
             ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)

@@ -200,24 +200,22 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> RemoteCh
     return RemoteCheckpoint(fs, url, root, False)
 
 
-def fetch(url: str, dest: str | os.PathLike, *, storage_options=None, quiet: bool = False) -> Path:
-    """Download the committed checkpoint at ``url`` to ``dest/<basename>``; return that path."""
-    remote = resolve(url, storage_options)
-    fs = remote.fs
-    local = Path(dest) / url_basename(url)
+def _sources(remote: RemoteCheckpoint, local: Path) -> dict[Path, str]:
+    """Every object of a resolved checkpoint: local path -> object path."""
     if remote.is_file:
-        sources = {local: remote.path}
-    else:
-        found = fs.find(remote.path)
-        sources = {}
-        for obj in found:
-            rel = obj[len(remote.path) :].lstrip("/")
-            if not rel or rel == COMMIT_MARKER or rel.startswith(REMOTE_VERSION_PREFIX):
-                continue
-            sources[local / rel] = obj
-        local.mkdir(parents=True, exist_ok=True)
+        return {local: remote.path}
+    sources = {}
+    for obj in remote.fs.find(remote.path):
+        rel = obj[len(remote.path) :].lstrip("/")
+        if not rel or rel == COMMIT_MARKER or rel.startswith(REMOTE_VERSION_PREFIX):
+            continue
+        sources[local / rel] = obj
+    return sources
+
+
+def _download(fs, sources: dict[Path, str], label: str, quiet: bool) -> None:
     sizes = {dst: fs.size(src) or 0 for dst, src in sources.items()}
-    with Progress(f"download {url_basename(url)}", sum(sizes.values()), len(sources), quiet=quiet) as bar:
+    with Progress(f"download {label}", sum(sizes.values()), len(sources), quiet=quiet) as bar:
         for dst, src in sources.items():
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -230,7 +228,48 @@ def fetch(url: str, dest: str | os.PathLike, *, storage_options=None, quiet: boo
                     "file vanished while downloading (replaced by a newer save?); retry", path=fs.unstrip_protocol(src)
                 ) from None
             bar.file_done()
+
+
+def fetch(url: str, dest: str | os.PathLike, *, storage_options=None, quiet: bool = False) -> Path:
+    """Download the committed checkpoint at ``url`` to ``dest/<basename>``; return that path."""
+    remote = resolve(url, storage_options)
+    local = Path(dest) / url_basename(url)
+    sources = _sources(remote, local)
+    if not remote.is_file:
+        local.mkdir(parents=True, exist_ok=True)
+    _download(remote.fs, sources, url_basename(url), quiet)
     return local
+
+
+class PartialCopy:
+    """A local stand-in for the committed checkpoint at ``url`` that downloads only what is read.
+
+    Its JSON files (indexes, manifest, running states, configs: what says where tensors are)
+    are downloaded at once; every other file is an empty placeholder, so names and layouts are
+    found as in a full copy, until :meth:`fetch` downloads it. A one-object URL is downloaded.
+    """
+
+    def __init__(self, url: str, dest: str | os.PathLike, *, storage_options=None, quiet: bool = False) -> None:
+        remote = resolve(url, storage_options)
+        self.fs, self.url, self.quiet = remote.fs, url, quiet
+        self.path = Path(dest) / url_basename(url)
+        sources = _sources(remote, self.path)
+        if not remote.is_file:
+            self.path.mkdir(parents=True, exist_ok=True)
+        now = {dst: src for dst, src in sources.items() if remote.is_file or dst.name.endswith(".json")}
+        self._pending = {dst: src for dst, src in sources.items() if dst not in now}
+        for dst in self._pending:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.touch()
+        _download(self.fs, now, url_basename(url), quiet)
+
+    def fetch(self, paths: Iterable[str | os.PathLike]) -> None:
+        """Download the files at these local paths (those not downloaded yet)."""
+        wanted = {Path(p) for p in paths}
+        todo = {dst: src for dst, src in self._pending.items() if dst in wanted}
+        _download(self.fs, todo, url_basename(self.url), self.quiet)
+        for dst in todo:
+            del self._pending[dst]
 
 
 class RemoteFolderCommit(Commit):
@@ -343,6 +382,13 @@ def loading(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[
         yield str(fetch(url, tmp, storage_options=storage_options, quiet=quiet))
 
 
+@contextlib.contextmanager
+def loading_partially(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[PartialCopy]:
+    """Yield a :class:`PartialCopy` of the committed checkpoint at ``url``; removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="ckptio-download-", dir=_tmp_root()) as tmp:
+        yield PartialCopy(url, tmp, storage_options=storage_options, quiet=quiet)
+
+
 def exists(url: str, storage_options=None) -> bool:
     """Whether ``url`` holds a committed checkpoint (or an object)."""
     try:
@@ -363,6 +409,8 @@ __all__ = [
     "filesystem",
     "is_url",
     "loading",
+    "loading_partially",
+    "PartialCopy",
     "read_marker",
     "resolve",
 ]

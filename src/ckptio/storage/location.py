@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ckptio.storage.base import Commit
 from ckptio.storage.urls import is_url, join, local_path, url_basename
 
-__all__ = ["exists", "is_url", "join", "local_path", "new_commit", "normalize", "readable", "url_basename"]
+__all__ = [
+    "exists",
+    "is_url",
+    "join",
+    "local_path",
+    "new_commit",
+    "normalize",
+    "readable",
+    "readable_partially",
+    "url_basename",
+]
 
 
 def normalize(checkpoint: str | os.PathLike) -> str:
@@ -55,6 +65,24 @@ def readable(checkpoint: str | os.PathLike, *, quiet: bool = False) -> Iterator[
 
     with fsspec_storage.loading(target, quiet=quiet) as local:
         yield local
+
+
+@contextlib.contextmanager
+def readable_partially(
+    checkpoint: str | os.PathLike, *, quiet: bool = False
+) -> Iterator[tuple[str, Callable[[Iterable[str | os.PathLike]], None]]]:
+    """Like :func:`readable`, for a reader that needs only some files: ``(path, fetch)``, where
+    ``fetch(paths)`` must be called with the local paths of the files about to be read. A local
+    checkpoint is itself (``fetch`` does nothing); of a URL, only its JSON files are downloaded
+    at first, and ``fetch`` downloads the others asked for."""
+    target = normalize(checkpoint)
+    if not is_url(target):
+        yield target, lambda paths: None
+        return
+    from ckptio.storage import fsspec_storage
+
+    with fsspec_storage.loading_partially(target, quiet=quiet) as copy:
+        yield str(copy.path), copy.fetch
 
 
 def exists(checkpoint: str | os.PathLike) -> bool:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.general import GeneralCheckpointIO
 from ckptio.plugins.base import Plugin
+from ckptio.plugins.process_group import device_type
 from ckptio.state.optimizer import register_model
 from ckptio.state.report import KeyMap, LoadReport
 
@@ -20,13 +23,19 @@ PathLike = str | os.PathLike
 class Booster:
     """Wraps training objects for a parallel layout and saves/loads their state.
 
-    Without a plugin, ``boost`` returns the objects unchanged and checkpoints are written by
-    one process (the usual single-GPU or hand-made data parallel case).
+    Without a plugin, ``boost`` returns the objects unchanged (the model moved to ``device``
+    when given) and checkpoints are written by one process (the usual single-GPU or hand-made
+    data parallel case).
     """
 
     def __init__(self, device: str | None = None, mixed_precision: Any = None, plugin: Plugin | None = None) -> None:
         if mixed_precision is not None:
-            raise NotImplementedError("ckptio's Booster does not manage mixed precision; use torch.autocast")
+            raise _mixed_precision_error(mixed_precision, plugin)
+        if device is not None and plugin is not None and torch.device(device).type != device_type():
+            raise ValueError(
+                f"Booster(device={device!r}) with a plugin: {type(plugin).__name__} places the model on this "
+                f"rank's device ({device_type()}: its LOCAL_RANK GPU, or the CPU); drop device="
+            )
         self.device = device
         self.plugin = plugin
         self.checkpoint_io: CheckpointIO = plugin.get_checkpoint_io() if plugin is not None else GeneralCheckpointIO()
@@ -39,7 +48,12 @@ class Booster:
         dataloader: Any = None,
         lr_scheduler: Any = None,
     ) -> tuple[nn.Module, Optimizer | None, Any, Any, Any]:
-        """Return ``(model, optimizer, criterion, dataloader, lr_scheduler)``, wrapped for the plugin."""
+        """Return ``(model, optimizer, criterion, dataloader, lr_scheduler)``, wrapped for the plugin.
+
+        Without a plugin, ``Booster(device=...)`` moves the model there; an optimizer built on it
+        is pointed at the moved parameters (by name) where the move replaced them."""
+        if self.plugin is None and self.device is not None and model is not None:
+            model = _move(model, optimizer, self.device)
         if self.plugin is not None:
             model, optimizer, criterion, dataloader, lr_scheduler = self.plugin.configure(
                 model, optimizer, criterion, dataloader, lr_scheduler
@@ -53,6 +67,23 @@ class Booster:
             loss.backward()
         else:
             self.plugin.backward(loss, optimizer)
+
+    def no_sync(
+        self, model: nn.Module | None = None, optimizer: Optimizer | None = None
+    ) -> AbstractContextManager[None]:
+        """A context in which ``backward()`` accumulates gradients without synchronising them
+        (gradient accumulation); the first ``backward()`` after it synchronises.
+
+        DDP: ``model.no_sync()``; FSDP2 (TorchFSDPPlugin, LowLevelZeroPlugin, GeminiPlugin,
+        HybridParallelPlugin): ``model.set_requires_gradient_sync(False)`` until the context ends.
+        ``optimizer`` is accepted for ColossalAI's signature: the model's wrapper is what syncs.
+        Without a plugin a plain model has nothing to synchronise (a DDP or FSDP2 model made by
+        hand gets the same treatment as under a plugin)."""
+        if self.plugin is not None:
+            return self.plugin.no_sync(model, optimizer)
+        from ckptio.plugins.precision import no_sync
+
+        return no_sync(model, wrapped=False)
 
     def save_model(
         self,
@@ -130,3 +161,31 @@ class Booster:
     def wait(self) -> None:
         """Block until every async save of this booster is durable; re-raise its error."""
         self.checkpoint_io.wait()
+
+
+def _mixed_precision_error(mixed_precision: Any, plugin: Plugin | None) -> Exception:
+    """Why ``Booster(mixed_precision=...)`` is refused, and what to do instead."""
+    if plugin is not None and hasattr(plugin, "precision"):
+        return ValueError(
+            f"Booster(mixed_precision={mixed_precision!r}): {type(plugin).__name__} sets the precision itself; "
+            f"pass precision='bf16' to {type(plugin).__name__}(...) and drop mixed_precision="
+        )
+    return NotImplementedError(
+        f"Booster(mixed_precision={mixed_precision!r}) is not supported: ckptio does not wrap the model or "
+        "optimizer for mixed precision. Use precision='bf16' of LowLevelZeroPlugin, GeminiPlugin or "
+        "HybridParallelPlugin (bf16 compute, fp32 master weights), or run the forward pass under "
+        "torch.autocast(device_type, dtype=torch.bfloat16); for fp16 add torch.amp.GradScaler around backward "
+        "and optimizer.step()"
+    )
+
+
+def _move(model: nn.Module, optimizer: Optimizer | None, device: str) -> nn.Module:
+    """``model.to(device)``; a move that replaces parameter objects (e.g. to another kind of
+    tensor) rebinds the optimizer built on the old ones, by name."""
+    from ckptio.plugins.fsdp import rebind_optimizer
+
+    old_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    model = model.to(device)
+    if optimizer is not None and any(id(p) not in old_names for p in model.parameters()):
+        rebind_optimizer(optimizer, old_names, model)
+    return model

@@ -35,6 +35,7 @@ QUICK_START = "Quick start"
 LOAD_OPTIONS = "Load options: dtypes, meta models, `key_map`, tensors without a model"
 MANY_RANKS = "Many ranks: DDP and FSDP2"
 TWO_DIMENSIONS = "Two dimensions: tensor parallel x FSDP2 (`HybridParallelPlugin`)"
+ZERO_GEMINI = "ZeRO and Gemini: `LowLevelZeroPlugin`, `GeminiPlugin`"
 TRAINING = "Optimizer, LR scheduler and training checkpoints"
 ASYNC = "Async saves and performance"
 REMOTE = "Remote storage: `s3://` and any fsspec URL"
@@ -47,6 +48,7 @@ CHECKED = {
     (README, LOAD_OPTIONS): "test_load_options",
     (README, MANY_RANKS): "test_many_ranks_on_2_ranks",
     (README, TWO_DIMENSIONS): "test_two_dimensions_on_4_ranks",
+    (README, ZERO_GEMINI): "test_zero_and_gemini_on_2_ranks",
     (README, TRAINING): "test_training_section, test_manager_loop_resumes_bit_exact_after_kills",
     (README, ASYNC): "test_async_save",
     (README, REMOTE): "test_remote_storage_on_s3",
@@ -266,6 +268,15 @@ def test_two_dimensions_on_4_ranks(tmp_path):
     _check_folder_on_one_process(tmp_path / "ckpt" / "model", 4)
     manifest = read_manifest(tmp_path / "ckpt" / "model")
     assert manifest.extra["layout"]["mesh_shape"] == {"dp": 2, "tp": 2}
+
+
+@pytest.mark.dist
+def test_zero_and_gemini_on_2_ranks(tmp_path):
+    assert _run_on_ranks(ZERO_GEMINI, 2, tmp_path) == [[], []]  # bf16 compute; the fp32 weights are saved
+    _check_folder_on_one_process(tmp_path / "ckpt" / "model", 2)
+    assert read_manifest(tmp_path / "ckpt" / "model").extra["layout"]["plugin"] == "LowLevelZeroPlugin"
+    index = json.loads((tmp_path / "ckpt" / "optim" / "optimizer.index.json").read_text())
+    assert "0.weight" in json.dumps(index)  # the optimizer by parameter name
 
 
 # ----------------------------------------------------------------------------- training section, fresh processes

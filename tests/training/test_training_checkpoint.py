@@ -205,6 +205,20 @@ def test_missing_rng_file_is_an_error_with_manifest_and_a_warning_without(tmp_pa
         assert load_checkpoint(path, booster, model, optimizer, scheduler) == (0, 1, 4)
 
 
+def test_model_none_loads_the_rest_as_colossalchat_does(tmp_path):
+    """ColossalChat's load_checkpoint skips a None model and loads optimizer, scheduler and position."""
+    booster, model, optimizer, scheduler = setup()
+    step(model, optimizer, scheduler)
+    path = save_checkpoint(tmp_path, booster, model, optimizer, scheduler, 1, 3, 4)
+    booster2, model2, optimizer2, scheduler2 = setup(seed=1)
+    weights = {k: v.clone() for k, v in model2.state_dict().items()}
+    assert load_checkpoint(path, booster2, None, optimizer2, scheduler2) == (1, 3, 12)
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in weights.items())  # the model was left alone
+    assert _same(optimizer2.state_dict(), optimizer.state_dict())
+    assert scheduler2.state_dict() == scheduler.state_dict()
+    assert load_checkpoint(path, booster2, None, None, None) == (1, 3, 12)
+
+
 def _live_state(model, optimizer, scheduler) -> dict:
     """Everything a load may change, copied: weights, optimizer and scheduler state, every global RNG."""
     return {

@@ -4,5 +4,6 @@ from ckptio.plugins.base import Plugin
 from ckptio.plugins.ddp import TorchDDPPlugin
 from ckptio.plugins.fsdp import TorchFSDPPlugin
 from ckptio.plugins.hybrid import HybridParallelPlugin
+from ckptio.plugins.zero import GeminiPlugin, LowLevelZeroPlugin
 
-__all__ = ["HybridParallelPlugin", "Plugin", "TorchDDPPlugin", "TorchFSDPPlugin"]
+__all__ = ["GeminiPlugin", "HybridParallelPlugin", "LowLevelZeroPlugin", "Plugin", "TorchDDPPlugin", "TorchFSDPPlugin"]

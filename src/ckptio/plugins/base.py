@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from typing import Any
 
 from torch import nn
@@ -34,3 +35,11 @@ class Plugin(ABC):
 
     def backward(self, loss, optimizer) -> None:
         loss.backward()
+
+    def no_sync(self, model: nn.Module, optimizer: Any = None) -> AbstractContextManager[None]:
+        """Gradient accumulation without communication (see :func:`ckptio.plugins.precision.no_sync`).
+
+        ``optimizer`` is accepted for ColossalAI's signature; the model's wrapper is what syncs."""
+        from ckptio.plugins.precision import no_sync
+
+        return no_sync(model)

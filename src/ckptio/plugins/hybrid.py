@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -26,6 +27,13 @@ from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.distributed import DistributedCheckpointIO
 from ckptio.plugins.base import Plugin
 from ckptio.plugins.fsdp import default_shard_classes, rebind_optimizer
+from ckptio.plugins.precision import (
+    cast_parameters,
+    check_max_norm,
+    check_precision,
+    clip_before_step,
+    mixed_precision_policy,
+)
 from ckptio.plugins.process_group import device_type, ensure_process_group, local_device
 
 __all__ = ["HybridParallelPlugin", "default_tp_plan", "gpt2_tp_plan", "llama_tp_plan"]
@@ -206,6 +214,15 @@ class HybridParallelPlugin(Plugin):
         shard_classes: class names that become their own FSDP unit (default: the model's
             ``_no_split_modules``); the root is always sharded last.
         fsdp_kwargs: passed to every ``fully_shard`` call.
+        precision: ``"fp32"`` (the model's own dtypes; ColossalAI's default is ``"fp16"``, which
+            raises ``NotImplementedError``: it needs loss scaling) or ``"bf16"``: FSDP2's
+            ``MixedPrecisionPolicy`` over ``dp`` (bf16 compute, fp32 master weights).
+        zero_stage: ColossalAI's 0, 1 or 2. Data parallel is always FSDP2, which shards
+            parameters, gradients and optimizer state (at most the memory of any stage, the same
+            updates); 1 and 2 keep parameters whole from forward to backward
+            (``reshard_after_forward=False``: one all-gather per step, as ZeRO-1/2), 0 reshards
+            after forward.
+        max_norm, norm_type: clip the gradient norm in ``optimizer.step()`` (0: no clipping).
 
     ``boost()`` accepts the model and optimizer as built for one process; the optimizer is
     rebound by parameter name to the sharded parameters, keeping every group's settings.
@@ -222,9 +239,29 @@ class HybridParallelPlugin(Plugin):
         tp_plan: Mapping[str, Any] | None = None,
         shard_classes: Iterable[str] | None = None,
         fsdp_kwargs: dict[str, Any] | None = None,
+        precision: str = "fp32",
+        zero_stage: int = 0,
+        max_norm: float = 0.0,
+        norm_type: float = 2.0,
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
+        check_precision("HybridParallelPlugin", precision)
+        check_max_norm("HybridParallelPlugin", max_norm, norm_type)
+        if zero_stage not in (0, 1, 2):
+            raise ValueError(f"HybridParallelPlugin(zero_stage={zero_stage!r}): expected 0, 1 or 2")
+        derived: dict[str, Any] = {}
+        if zero_stage:
+            derived["reshard_after_forward"] = False
+        policy = mixed_precision_policy(precision)
+        if policy is not None:
+            derived["mp_policy"] = policy
+        clash = sorted(set(derived) & set(fsdp_kwargs or {}))
+        if clash:
+            raise ValueError(
+                f"HybridParallelPlugin: fsdp_kwargs sets {clash}, which precision={precision!r} / "
+                f"zero_stage={zero_stage!r} also set; pass one or the other"
+            )
         if pp_size != 1:
             raise ValueError(f"pp_size={pp_size}: pipeline parallel is not supported; use pp_size=1")
         if not isinstance(tp_size, int) or tp_size < 1:
@@ -242,7 +279,8 @@ class HybridParallelPlugin(Plugin):
         self.mesh = init_device_mesh(device_type(), (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
         self.tp_plan = None if tp_plan is None else dict(tp_plan)
         self.shard_classes = None if shard_classes is None else set(shard_classes)
-        self.fsdp_kwargs = dict(fsdp_kwargs or {})
+        self.fsdp_kwargs = {**derived, **(fsdp_kwargs or {})}
+        self.precision, self.zero_stage, self.max_norm, self.norm_type = precision, zero_stage, max_norm, norm_type
         self._io = DistributedCheckpointIO(layout=self.layout())
 
     def layout(self) -> dict[str, Any]:
@@ -262,7 +300,7 @@ class HybridParallelPlugin(Plugin):
             plan = self.tp_plan if self.tp_plan is not None else default_tp_plan(model)
             for name, style in resolve_tp_plan(model, plan, self.tp_size).items():
                 parallelize_module(model.get_submodule(name), self.mesh["tp"], copy.deepcopy(style))
-        if self.dp_size > 1:
+        if self.dp_size > 1 or "mp_policy" in self.fsdp_kwargs:  # FSDP2 also carries the mixed precision
             dp_mesh = self.mesh["dp"]
             classes = self.shard_classes if self.shard_classes is not None else default_shard_classes(model)
             for module in list(model.modules())[1:]:
@@ -274,11 +312,25 @@ class HybridParallelPlugin(Plugin):
     def configure(self, model: nn.Module, optimizer: Any, criterion: Any, dataloader: Any, lr_scheduler: Any):
         if not getattr(model, "_ckptio_hybrid", False):
             old_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+            cast_parameters(model, self.precision, master_weights=True)
             model = self.parallelize(model.to(local_device()))
             model._ckptio_hybrid = True
             if optimizer is not None:
                 rebind_optimizer(optimizer, old_names, model)
+        if optimizer is not None:
+            clip_before_step(optimizer, self.max_norm, self.norm_type)
         return model, optimizer, criterion, dataloader, lr_scheduler
+
+    def no_sync(self, model: nn.Module, optimizer: Any = None):
+        """Gradient accumulation without the data-parallel reduction (FSDP2's
+        ``set_requires_gradient_sync``); at ``dp_size=1`` there is none to skip."""
+        from torch.distributed.fsdp import FSDPModule
+
+        from ckptio.plugins.precision import no_sync
+
+        if getattr(model, "_ckptio_hybrid", False) and not isinstance(model, FSDPModule):
+            return nullcontext()
+        return no_sync(model)
 
     def get_checkpoint_io(self) -> CheckpointIO:
         return self._io

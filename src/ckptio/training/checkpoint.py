@@ -148,7 +148,7 @@ def save_checkpoint(
 def load_checkpoint(
     load_dir: str | os.PathLike,
     booster: Any,
-    model: nn.Module,
+    model: nn.Module | None,
     optimizer: Any,
     lr_scheduler: Any,
     *,
@@ -159,10 +159,11 @@ def load_checkpoint(
 ) -> tuple[int, int, int]:
     """Load a checkpoint folder written by :func:`save_checkpoint` (or by ColossalChat).
 
-    Returns ``(epoch, step, sample_start_index)``. Restores model, optimizer and scheduler,
-    this rank's RNG states (when the checkpoint has them; ``restore_rng=False`` skips),
-    and ``sampler``'s state when given and saved. ``verify=True`` checks every file's
-    checksum against the manifest first. Every rank calls it.
+    Returns ``(epoch, step, sample_start_index)``. Restores model, optimizer and scheduler (any
+    of them may be None: the others still load, as in ColossalChat), this rank's RNG states
+    (when the checkpoint has them; ``restore_rng=False`` skips), and ``sampler``'s state when
+    given and saved. ``verify=True`` checks every file's checksum against the manifest first.
+    Every rank calls it.
 
     Nothing changes until every part has passed its checks on every rank: running states, the
     sampler's state, the manifest, this rank's RNG file, the LR scheduler file against the live
@@ -184,7 +185,7 @@ def _load_checkpoint(
 ) -> tuple[int, int, int]:
     io = booster.checkpoint_io
     group = io.group if isinstance(getattr(io, "group", None), Group) else Group(getattr(io, "group", None))
-    if optimizer is not None:
+    if optimizer is not None and model is not None:
         register_model(optimizer, model)
     checked = agreed_step(
         group,
@@ -192,7 +193,8 @@ def _load_checkpoint(
         lambda: _check_everything(load_dir, io, model, optimizer, lr_scheduler, sampler, strict, verify, restore_rng),
         precedence=(StateMismatchError,),
     )
-    booster.load_model(model, load_dir / MODEL_DIR, strict=strict)
+    if model is not None:
+        booster.load_model(model, load_dir / MODEL_DIR, strict=strict)
     collective_step(group, f"loading the optimizer, LR scheduler, sampler and RNG of {load_dir}", checked.load_rest)
     if checked.rng_missing is not None:
         # we wrote one per rank, so its absence means a damaged folder: say the run will not be bit-exact
@@ -258,7 +260,8 @@ def _check_everything(
             rng_missing = rng_path
     if lr_scheduler is not None:
         loads.insert(0, io.prepare_lr_scheduler_load(lr_scheduler, str(load_dir / LR_SCHEDULER_FILE)))
-    io.check_model_load(model, str(load_dir / MODEL_DIR), strict=strict)
+    if model is not None:
+        io.check_model_load(model, str(load_dir / MODEL_DIR), strict=strict)
     if optimizer is not None:  # last: it reads the optimizer's state
         loads.insert(0, io.prepare_optimizer_load(optimizer, str(load_dir / OPTIMIZER_DIR), verify=False))
     return _Checked(running, (epoch, step, start), loads, rng_missing)

@@ -23,7 +23,7 @@ from typing import Any
 from ckptio.engine.group import Group, collective_step
 from ckptio.engine.plan import FilePlan
 from ckptio.engine.tensors import can_stage_parts, stage_parts
-from ckptio.engine.write import WriteSpec, write_state, writer_of_each_key
+from ckptio.engine.write import WriteSpec, replica_writer_of_each_key, write_state
 from ckptio.storage.atomic import new_token
 from ckptio.storage.base import FileRecord, FileWriter
 from ckptio.storage.location import new_commit
@@ -91,7 +91,7 @@ class TensorPart(Part):
         return can_stage_parts(self.state)
 
     def stage(self, staging, background: Group) -> TensorPart:
-        writer_of = writer_of_each_key(self.state, self.spec, self.group.size)
+        writer_of = replica_writer_of_each_key(self.state, self.group.size)
         staged = stage_parts(staging, self.state, self.slot, writer_of, self.group.rank)
         group = self.group if not self.group.active else background
         return TensorPart(

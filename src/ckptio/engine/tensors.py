@@ -134,20 +134,26 @@ def stage_parts(
 ) -> dict[str, StagedPart]:
     """Host copies of what this rank must contribute to a save of ``state`` (reused buffers).
 
-    A whole replica (a plain tensor under DDP, a replicated DTensor) is needed only by the rank
-    that writes it (``writer_of``), so other ranks stage an empty placeholder: host memory and
-    copy time are about 1/N of the state each. A sharded DTensor's box is always staged, since
-    its writer gathers it. Local work only, no collective.
+    A whole replica (a plain tensor under DDP, a replicated DTensor; the keys of ``writer_of``)
+    is staged only by the rank that writes it, so other ranks stage an empty placeholder holding
+    no box (the writer is then the only source of that tensor): host memory and copy time are
+    about 1/N of the state each. A sharded DTensor's box is always staged. Local work only, no
+    collective.
     """
     regions = {k: local_region(t) for k, t in state.items()}
     needed = {
         k: (t.to_local() if is_dtensor(t) else t)
         for k, t in state.items()
-        if writer_of[k] == rank or regions[k].shape != tuple(t.shape)
+        if k not in writer_of or writer_of[k] == rank
     }
     staged = staging.stage_tree(needed, slot)
+    nothing = {k: Region((0,) * t.dim(), (0,) * t.dim()) for k, t in state.items()}
     return {
-        k: StagedPart(staged[k] if k in staged else torch.empty(0, dtype=t.dtype), t.shape, t.dtype, regions[k])
+        k: (
+            StagedPart(staged[k], t.shape, t.dtype, regions[k])
+            if k in staged
+            else StagedPart(torch.empty(0, dtype=t.dtype), t.shape, t.dtype, nothing[k])  # another rank's replica
+        )
         for k, t in state.items()
     }
 

@@ -9,9 +9,12 @@ or tensors read on demand from another checkpoint (:class:`~ckptio.engine.tensor
    ranks that disagree about keys fail together).
 2. *plan*: :func:`~ckptio.engine.plan.plan_files` (pure, same everywhere): the same files
    from any number of ranks, each file given an owner.
-3. *write*: round by round (the i-th file of every owner), each tensor is collected on its
-   file's owner (point to point, only for sharded DTensors) and the owner hands the file to
-   a writer thread, so writing one file overlaps collecting the next; a rank holds at most
+3. *write*: on several ranks, safetensors files on a filesystem are filled in place, each
+   rank writing its own pieces at their offsets (:mod:`ckptio.engine.inplace`: ``Shard(0)``
+   boxes and replicas never cross the network). Otherwise (one process, ``torch.save`` files,
+   object stores) round by round (the i-th file of every owner), each tensor is collected on
+   its file's owner (point to point, only for sharded DTensors) and the owner hands the file
+   to a writer thread, so writing one file overlaps collecting the next; a rank holds at most
    ``WRITE_THREADS`` files of full tensors.
 Every step is collective: a failure on any rank is raised on all ranks after the loop.
 """
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ckptio.engine.group import Group, collective_step, report_errors
+from ckptio.engine.inplace import replica_writers, write_in_place
 from ckptio.engine.plan import FilePlan, plan_files
 from ckptio.engine.tensors import Deferred, Region, gather_full, is_dtensor, local_region, without_partial
 from ckptio.errors import CheckpointError
@@ -37,6 +41,9 @@ from ckptio.storage.base import FileRecord, FileWriter
 # writes and hashing release the GIL, and a second file in flight keeps the disk busy while
 # the other is filling the page cache).
 WRITE_THREADS = 2
+# Several ranks writing safetensors on a filesystem fill the files in place (engine/inplace.py);
+# False collects every file on its owner instead (kept for the benchmark's ablation).
+IN_PLACE = True
 SAFETENSORS_METADATA = {"format": "pt"}
 
 
@@ -102,12 +109,17 @@ def _plan(keys, spec: WriteSpec, world_size: int) -> FilePlan:
     )
 
 
-def writer_of_each_key(state: dict, spec: WriteSpec, world_size: int) -> dict[str, int]:
-    """The rank that will write each key, as :func:`write_state` will plan it: computed locally
-    from full shapes, so an async save can stage on each rank only what it needs."""
-    keys = tuple((k, str(t.dtype), tuple(int(d) for d in t.shape)) for k, t in state.items())
-    plan = _plan(keys, spec, world_size)
-    return {key: owner for (_, keys), owner in zip(plan.files, plan.owners) for key in keys}
+def replica_writer_of_each_key(state: dict, world_size: int) -> dict[str, int]:
+    """The rank that writes each whole replica of ``state`` (plain tensors, replicated DTensors),
+    as :func:`write_state` decides it: computed locally from full shapes, so an async save can
+    stage on each rank only the replicas it writes. Any other rank that needs one (the owner of a
+    ``torch.save`` file) receives it from that rank."""
+    sizes = [
+        (k, t.numel() * t.element_size())
+        for k, t in state.items()
+        if not is_dtensor(t) or local_region(t).shape == tuple(int(d) for d in t.shape)
+    ]
+    return replica_writers(sizes, world_size)
 
 
 def write_state(
@@ -132,8 +144,14 @@ def write_state(
     plan = _plan(described[0].keys, spec, group.size)
     regions = {k: [d.regions[i] for d in described] for i, (k, _, _) in enumerate(described[0].keys)}
     prefix = f"{subdir}/" if subdir else ""
-    records, error = _write_files(state, plan, regions, writer, spec, group, prefix, file_name)
-    report_errors(group, f"writing {spec.weights_name} files", error)
+    if IN_PLACE and spec.use_safetensors and group.active and writer.positional:
+        # several ranks, safetensors on a filesystem: each rank writes its own pieces in place
+        names = [file_name if file_name is not None else prefix + name for name, _ in plan.files]
+        meta = {k: (_dtype(dt), shape) for k, dt, shape in described[0].keys}
+        records = write_in_place(state, plan, meta, regions, writer, group, names)
+    else:
+        records, error = _write_files(state, plan, regions, writer, spec, group, prefix, file_name)
+        report_errors(group, f"writing {spec.weights_name} files", error)
     return plan, [dataclasses.replace(r, holds_tensors=True) for r in records]
 
 

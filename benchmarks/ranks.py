@@ -44,7 +44,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import MiB, gpt_config  # noqa: E402
+from run import gpt_config  # noqa: E402
 
 
 def _model(size_gb: float):

@@ -110,7 +110,9 @@ def _worker(rank: int, nproc: int, args, workdir: Path, results) -> None:
             def run():
                 engine_write.IN_PLACE = in_place
                 try:
-                    booster.save_model(model, root / "ckptio", shard=True, use_safetensors=True, size_per_shard=shard_mib)
+                    booster.save_model(
+                        model, root / "ckptio", shard=True, use_safetensors=True, size_per_shard=shard_mib
+                    )
                 finally:
                     engine_write.IN_PLACE = True
 

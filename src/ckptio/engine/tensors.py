@@ -16,9 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-
-from ckptio.engine.group import Group, peer_failure
 
 try:  # torch >= 2.4 exposes the public DTensor module
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -109,6 +106,7 @@ class StagedPart:
     shape: torch.Size
     dtype: torch.dtype
     region: Region
+    spread: object = None  # how the ranks hold the tensor (engine.spread), as worked out at staging
 
 
 @dataclass(frozen=True)
@@ -130,7 +128,7 @@ def can_stage_parts(state: dict[str, torch.Tensor]) -> bool:
 
 
 def stage_parts(
-    staging, state: dict[str, torch.Tensor], slot: str, writer_of: dict[str, int], rank: int
+    staging, state: dict[str, torch.Tensor], slot: str, writer_of: dict[str, int], rank: int, spreads: dict
 ) -> dict[str, StagedPart]:
     """Host copies of what this rank must contribute to a save of ``state`` (reused buffers).
 
@@ -150,9 +148,9 @@ def stage_parts(
     nothing = {k: Region((0,) * t.dim(), (0,) * t.dim()) for k, t in state.items()}
     return {
         k: (
-            StagedPart(staged[k], t.shape, t.dtype, regions[k])
+            StagedPart(staged[k], t.shape, t.dtype, regions[k], spreads[k])
             if k in staged
-            else StagedPart(torch.empty(0, dtype=t.dtype), t.shape, t.dtype, nothing[k])  # another rank's replica
+            else StagedPart(torch.empty(0, dtype=t.dtype), t.shape, t.dtype, nothing[k], spreads[k])  # a replica
         )
         for k, t in state.items()
     }
@@ -178,63 +176,3 @@ def local_region(t: torch.Tensor) -> Region:
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
-
-
-def sources(regions: list[Region]) -> list[tuple[int, Region]]:
-    """One rank per distinct non-empty box (the lowest), so replicas are sent once."""
-    seen: dict[tuple, int] = {}
-    for rank, region in enumerate(regions):
-        key = (region.offset, region.shape)
-        if region.numel and key not in seen:
-            seen[key] = rank
-    return [(rank, regions[rank]) for rank in sorted(seen.values())]
-
-
-def gather_full(t, regions: list[Region], owner: int, group: Group) -> torch.Tensor | Deferred | None:
-    """Collect the full CPU tensor on ``owner`` from the boxes the ranks hold; ``None``
-    elsewhere. Every rank of ``group`` must call this for the same tensor in the same order.
-
-    Point-to-point: each distinct box travels once, from its lowest holder to the owner. A
-    :class:`Deferred` tensor is handed on unread; the file writer loads it.
-    """
-    if isinstance(t, Deferred):
-        return t if group.rank == owner else None
-    with peer_failure(f"sending a tensor to rank {owner}, which writes it"):
-        return _gather_full(t, regions, owner, group)
-
-
-def _gather_full(t: torch.Tensor, regions: list[Region], owner: int, group: Group) -> torch.Tensor | None:
-    rank = group.rank
-    if isinstance(t, StagedPart):
-        local = t.local
-    elif not is_dtensor(t):
-        return t.detach().cpu().contiguous() if rank == owner else None
-    elif not all(r.box for r in regions):
-        full = t.full_tensor()
-        return full.detach().cpu().contiguous() if rank == owner else None
-    else:
-        local = t.to_local().detach()
-    if regions[owner].shape == tuple(t.shape):
-        # the owner holds a whole replica (Replicate, a world of one): nothing travels
-        return local.cpu().contiguous() if rank == owner else None
-    boxes = sources(regions)
-    out = torch.empty(tuple(t.shape), dtype=t.dtype) if rank == owner else None
-    ops, received = [], []
-    for src, region in boxes:
-        if src == owner:
-            if rank == owner:
-                out[region.index()].copy_(local.cpu())
-        elif rank == src:
-            ops.append(dist.isend(local.contiguous(), dst=group.global_rank(owner), group=group.group))
-        elif rank == owner:
-            view = out[region.index()]
-            direct = local.device.type == "cpu" and view.is_contiguous()  # e.g. a Shard(0) row block
-            buf = view if direct else torch.empty(region.shape, dtype=t.dtype, device=local.device)
-            ops.append(dist.irecv(buf, src=group.global_rank(src), group=group.group))
-            if not direct:
-                received.append((region, buf))
-    for op in ops:
-        op.wait()
-    for region, buf in received:
-        out[region.index()].copy_(buf.cpu())
-    return out

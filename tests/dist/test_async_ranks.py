@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
+from tests.dist.faults import fail_writes, wrap_writes
 from tests.dist.harness import run_ranks
 from tests.dist.models import diff_keys, full_optimizer_state, full_state, make_optimizer, make_uneven, train
 
 from ckptio import Booster, DistributedCheckpointError
-from ckptio.engine import write as engine_write
 from ckptio.plugins import TorchDDPPlugin, TorchFSDPPlugin
 from ckptio.training import load_checkpoint, save_checkpoint
 
@@ -32,13 +32,7 @@ def _plain_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _slow_writes(seconds: float) -> None:
     """Every file written by a save takes ``seconds`` longer: the save is surely still running when the call returns."""
-    real = engine_write.write_weights_file
-
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
-        return real(*args, **kwargs)
-
-    engine_write.write_weights_file = slow
+    wrap_writes(before=lambda: time.sleep(seconds))
 
 
 @pytest.mark.parametrize("plugin", ["fsdp", "ddp"])
@@ -95,10 +89,7 @@ def test_async_failure_on_one_rank_is_raised_by_wait_everywhere(tmp_path):
         train(model, optimizer, 1, rank)
         if rank == 1:
 
-            def broken(*args, **kwargs):
-                raise OSError(28, "No space left on device (injected)")
-
-            engine_write.write_weights_file = broken
+            fail_writes(OSError(28, "No space left on device (injected)"))
         booster.save_model(model, folder, shard=True, use_safetensors=True, size_per_shard=0.0002, use_async=True)
         try:
             booster.wait()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.dist.faults import fail_writes
 from tests.dist.harness import run_ranks
 from tests.dist.models import diff_keys, make_uneven
 
 from ckptio import Booster, DistributedCheckpointError
-from ckptio.engine import write as engine_write
 from ckptio.errors import CheckpointWriteError
 from ckptio.plugins import TorchDDPPlugin, TorchFSDPPlugin
 
@@ -25,10 +25,7 @@ def test_write_failure_on_one_rank_raises_on_all_and_keeps_old_checkpoint(tmp_pa
         model, *_ = booster.boost(make_uneven(seed))
         if fail_rank == torch.distributed.get_rank():
 
-            def broken(*args, **kwargs):
-                raise CheckpointWriteError("write failed (disk full)", path="injected")
-
-            engine_write.write_weights_file = broken
+            fail_writes(CheckpointWriteError("write failed (disk full)", path="injected"))
         try:
             booster.save_model(model, ck, shard=True, use_safetensors=True, size_per_shard=0.0002)
         except DistributedCheckpointError as exc:

@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ckptio import Booster
-from ckptio.engine import write as engine_write
 from ckptio.formats.naming import OLD_MARK, TMP_MARK
 from ckptio.plugins import TorchFSDPPlugin
+from tests.dist.faults import wrap_writes
 from tests.dist.models import diff_keys, make_uneven
 
 pytestmark = pytest.mark.dist  # real ranks, forked by hand
@@ -53,13 +53,8 @@ def _worker(rank: int, workdir: Path, ck: Path, victim: int, results) -> None:
         _save(ck, seed=0)
         dist.barrier()
         if rank == victim:
-            real_write = engine_write.write_weights_file
-
-            def write_then_die(writer, file_name, *args, **kwargs):
-                real_write(writer, file_name, *args, **kwargs)  # one shard of the new save is on disk
-                os.kill(os.getpid(), signal.SIGKILL)
-
-            engine_write.write_weights_file = write_then_die
+            # the first bytes of the new save reach the disk, then this rank dies
+            wrap_writes(after=lambda: os.kill(os.getpid(), signal.SIGKILL))
         started = time.monotonic()
         try:
             _save(ck, seed=1)

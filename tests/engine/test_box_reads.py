@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from ckptio.engine import reader as dt
-from ckptio.engine import tensors
 from ckptio.engine.reader import TensorFile
+from ckptio.engine.spread import ExchangedSpread
 from ckptio.engine.tensors import Region
 
 
@@ -61,7 +61,8 @@ def test_every_box_reads_exact_values_and_only_its_bytes(tensor_file, monkeypatc
 
 def test_region_index_and_sources():
     regions = [Region((0, 0), (2, 3)), Region((0, 0), (2, 3)), Region((2, 0), (0, 3)), Region((2, 0), (1, 3))]
-    assert tensors.sources(regions) == [(0, regions[0]), (3, regions[3])]  # replicas once, empty boxes never
+    spread = ExchangedSpread((3, 3), tuple(regions))
+    assert spread.sources() == [(0, regions[0]), (3, regions[3])]  # replicas once, empty boxes never
     assert Region((1, 2), (2, 2)).index() == (slice(1, 3), slice(2, 4))
     assert list(itertools.islice(_boxes((3, 4)), 1)) == [Region((0, 0), (1, 4))]
 

@@ -69,6 +69,12 @@ class Group:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
+    def rank_of_global(self) -> dict[int, int] | None:
+        """Global rank -> rank in this group, or None where they are the same (the default group)."""
+        if not self.active or self.group in (None, dist.group.WORLD):
+            return None
+        return {g: i for i, g in enumerate(dist.get_process_group_ranks(self.group))}
+
     def all_gather_object(self, obj: Any, what: str = "") -> list[Any]:
         if not self.active:
             return [obj]

@@ -22,8 +22,9 @@ from typing import Any
 
 from ckptio.engine.group import Group, collective_step
 from ckptio.engine.plan import FilePlan
+from ckptio.engine.spread import HeldSpread, SpreadOf
 from ckptio.engine.tensors import can_stage_parts, stage_parts
-from ckptio.engine.write import WriteSpec, write_state, writer_of_each_key
+from ckptio.engine.write import WriteSpec, replica_writer_of_each_key, write_state
 from ckptio.storage.atomic import new_token
 from ckptio.storage.base import FileRecord, FileWriter
 from ckptio.storage.location import new_commit
@@ -91,8 +92,14 @@ class TensorPart(Part):
         return can_stage_parts(self.state)
 
     def stage(self, staging, background: Group) -> TensorPart:
-        writer_of = writer_of_each_key(self.state, self.spec, self.group.size)
-        staged = stage_parts(staging, self.state, self.slot, writer_of, self.group.rank)
+        writer_of = replica_writer_of_each_key(self.state, self.group)
+        spread_of = SpreadOf(self.group.rank_of_global(), self.group.size)
+        spreads = {}
+        for k, t in self.state.items():
+            spread = spread_of(t)
+            # a replica is staged by its writer alone: the others hold nothing of it
+            spreads[k] = HeldSpread(tuple(int(d) for d in t.shape), writer_of[k]) if spread == "whole" else spread
+        staged = stage_parts(staging, self.state, self.slot, writer_of, self.group.rank, spreads)
         group = self.group if not self.group.active else background
         return TensorPart(
             staged, self.spec, group, subdir=self.subdir, metadata=self.metadata, slot=self.slot,

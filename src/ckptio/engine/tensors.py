@@ -16,9 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from ckptio.engine.group import Group, peer_failure
 from ckptio.errors import CheckpointError
 
 try:  # torch >= 2.4 exposes the public DTensor module
@@ -110,6 +108,7 @@ class StagedPart:
     shape: torch.Size
     dtype: torch.dtype
     region: Region
+    spread: object = None  # how the ranks hold the tensor (engine.spread), as worked out at staging
 
 
 @dataclass(frozen=True)
@@ -143,25 +142,31 @@ def can_stage_parts(state: dict[str, torch.Tensor]) -> bool:
 
 
 def stage_parts(
-    staging, state: dict[str, torch.Tensor], slot: str, writer_of: dict[str, int], rank: int
+    staging, state: dict[str, torch.Tensor], slot: str, writer_of: dict[str, int], rank: int, spreads: dict
 ) -> dict[str, StagedPart]:
     """Host copies of what this rank must contribute to a save of ``state`` (reused buffers).
 
-    A whole replica (a plain tensor under DDP, a replicated DTensor) is needed only by the rank
-    that writes it (``writer_of``), so other ranks stage an empty placeholder: host memory and
-    copy time are about 1/N of the state each. A sharded DTensor's box is always staged, since
-    its writer gathers it. Local work only, no collective.
+    A whole replica (a plain tensor under DDP, a replicated DTensor; the keys of ``writer_of``)
+    is staged only by the rank that writes it, so other ranks stage an empty placeholder holding
+    no box (the writer is then the only source of that tensor): host memory and copy time are
+    about 1/N of the state each. A sharded DTensor's box is always staged. Local work only, no
+    collective.
     """
     refuse_meta(state)
     regions = {k: local_region(t) for k, t in state.items()}
     needed = {
         k: (t.to_local() if is_dtensor(t) else t)
         for k, t in state.items()
-        if writer_of[k] == rank or regions[k].shape != tuple(t.shape)
+        if k not in writer_of or writer_of[k] == rank
     }
     staged = staging.stage_tree(needed, slot)
+    nothing = {k: Region((0,) * t.dim(), (0,) * t.dim()) for k, t in state.items()}
     return {
-        k: StagedPart(staged[k] if k in staged else torch.empty(0, dtype=t.dtype), t.shape, t.dtype, regions[k])
+        k: (
+            StagedPart(staged[k], t.shape, t.dtype, regions[k], spreads[k])
+            if k in staged
+            else StagedPart(torch.empty(0, dtype=t.dtype), t.shape, t.dtype, nothing[k], spreads[k])  # a replica
+        )
         for k, t in state.items()
     }
 
@@ -186,63 +191,3 @@ def local_region(t: torch.Tensor) -> Region:
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
-
-
-def sources(regions: list[Region]) -> list[tuple[int, Region]]:
-    """One rank per distinct non-empty box (the lowest), so replicas are sent once."""
-    seen: dict[tuple, int] = {}
-    for rank, region in enumerate(regions):
-        key = (region.offset, region.shape)
-        if region.numel and key not in seen:
-            seen[key] = rank
-    return [(rank, regions[rank]) for rank in sorted(seen.values())]
-
-
-def gather_full(t, regions: list[Region], owner: int, group: Group) -> torch.Tensor | Deferred | None:
-    """Collect the full CPU tensor on ``owner`` from the boxes the ranks hold; ``None``
-    elsewhere. Every rank of ``group`` must call this for the same tensor in the same order.
-
-    Point-to-point: each distinct box travels once, from its lowest holder to the owner. A
-    :class:`Deferred` tensor is handed on unread; the file writer loads it.
-    """
-    if isinstance(t, Deferred):
-        return t if group.rank == owner else None
-    with peer_failure(f"sending a tensor to rank {owner}, which writes it"):
-        return _gather_full(t, regions, owner, group)
-
-
-def _gather_full(t: torch.Tensor, regions: list[Region], owner: int, group: Group) -> torch.Tensor | None:
-    rank = group.rank
-    if isinstance(t, StagedPart):
-        local = t.local
-    elif not is_dtensor(t):
-        return t.detach().cpu().contiguous() if rank == owner else None
-    elif not all(r.box for r in regions):
-        full = t.full_tensor()
-        return full.detach().cpu().contiguous() if rank == owner else None
-    else:
-        local = t.to_local().detach()
-    if regions[owner].shape == tuple(t.shape):
-        # the owner holds a whole replica (Replicate, a world of one): nothing travels
-        return local.cpu().contiguous() if rank == owner else None
-    boxes = sources(regions)
-    out = torch.empty(tuple(t.shape), dtype=t.dtype) if rank == owner else None
-    ops, received = [], []
-    for src, region in boxes:
-        if src == owner:
-            if rank == owner:
-                out[region.index()].copy_(local.cpu())
-        elif rank == src:
-            ops.append(dist.isend(local.contiguous(), dst=group.global_rank(owner), group=group.group))
-        elif rank == owner:
-            view = out[region.index()]
-            direct = local.device.type == "cpu" and view.is_contiguous()  # e.g. a Shard(0) row block
-            buf = view if direct else torch.empty(region.shape, dtype=t.dtype, device=local.device)
-            ops.append(dist.irecv(buf, src=group.global_rank(src), group=group.group))
-            if not direct:
-                received.append((region, buf))
-    for op in ops:
-        op.wait()
-    for region, buf in received:
-        out[region.index()].copy_(buf.cpu())
-    return out

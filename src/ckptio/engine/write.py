@@ -9,9 +9,12 @@ or tensors read on demand from another checkpoint (:class:`~ckptio.engine.tensor
    ranks that disagree about keys fail together).
 2. *plan*: :func:`~ckptio.engine.plan.plan_files` (pure, same everywhere): the same files
    from any number of ranks, each file given an owner.
-3. *write*: round by round (the i-th file of every owner), each tensor is collected on its
-   file's owner (point to point, only for sharded DTensors) and the owner hands the file to
-   a writer thread, so writing one file overlaps collecting the next; a rank holds at most
+3. *write*: on several ranks, safetensors files on a filesystem are filled in place, each
+   rank writing its own pieces at their offsets (:mod:`ckptio.engine.inplace`: ``Shard(0)``
+   boxes and replicas never cross the network). Otherwise (one process, ``torch.save`` files,
+   object stores) round by round (the i-th file of every owner), each tensor is collected on
+   its file's owner (point to point, only for sharded DTensors) and the owner hands the file
+   to a writer thread, so writing one file overlaps collecting the next; a rank holds at most
    ``WRITE_THREADS`` files of full tensors.
 Every step is collective: a failure on any rank is raised on all ranks after the loop.
 """
@@ -20,23 +23,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from ckptio.engine.gather import gather_full
 from ckptio.engine.group import Group, collective_step, report_errors
+from ckptio.engine.inplace import replica_writers, write_in_place
 from ckptio.engine.plan import FilePlan, plan_files
-from ckptio.engine.tensors import (
-    Deferred,
-    Region,
-    gather_full,
-    is_dtensor,
-    local_region,
-    refuse_meta,
-    without_partial,
-)
+from ckptio.engine.spread import ExchangedSpread, Spread, SpreadOf, WholeSpread
+from ckptio.engine.spread import describe as describe_spread
+from ckptio.engine.tensors import Deferred, is_dtensor, local_region, refuse_meta, without_partial
 from ckptio.errors import CheckpointError
 from ckptio.formats import safetensors_format, torch_format
 from ckptio.storage.base import FileRecord, FileWriter
@@ -45,6 +45,9 @@ from ckptio.storage.base import FileRecord, FileWriter
 # writes and hashing release the GIL, and a second file in flight keeps the disk busy while
 # the other is filling the page cache).
 WRITE_THREADS = 2
+# Several ranks writing safetensors on a filesystem fill the files in place (engine/inplace.py);
+# False collects every file on its owner instead (kept for the benchmark's ablation).
+IN_PLACE = True
 SAFETENSORS_METADATA = {"format": "pt"}
 
 
@@ -62,46 +65,102 @@ class WriteSpec:
 
 
 @dataclass(frozen=True)
-class _Described:
-    keys: tuple[tuple[str, str, tuple[int, ...]], ...]  # (key, dtype, full shape)
-    regions: tuple[Region, ...]
+class Described:
+    """What every rank knows about a state to save, with no rank's details gathered: keys,
+    dtypes and full shapes (the same everywhere, checked through one digest) and, per key,
+    how the ranks hold it (:mod:`ckptio.engine.spread`)."""
+
+    keys: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+    spreads: dict[str, Spread]
+    digest: str
 
 
-def _describe(state: dict, group: Group) -> _Described:
+def _signature(state: dict, spread_of: SpreadOf) -> tuple[list, dict]:
+    keys, local = [], {}
+    for k, t in state.items():
+        local[k] = spread_of(t)
+        keys.append((k, str(t.dtype), tuple(int(d) for d in t.shape), describe_spread(local[k])))
+    return keys, local
+
+
+def describe(state: dict, group: Group) -> Described:
+    """Collective. Every rank exchanges one digest of its keys, shapes and layouts (O(ranks),
+    not ranks x tensors); only tensors whose boxes cannot be worked out locally (strided
+    layouts) have their boxes gathered. Ranks that disagree fail together, naming the keys."""
     refuse_meta(state)
-    keys = tuple((k, str(t.dtype), tuple(int(d) for d in t.shape)) for k, t in state.items())
-    regions = tuple(local_region(t) for t in state.values())
+    spread_of = SpreadOf(group.rank_of_global(), group.size)
+    keys, local = _signature(state, spread_of)
     if not group.active:
-        # A world of one must hold every tensor whole: a DTensor sharded over other ranks
-        # cannot be collected without them (save it through its plugin, on every rank).
-        for (key, _, shape), region, t in zip(keys, regions, state.values()):
-            if is_dtensor(t) and (not region.box or region.shape != shape):
+        _check_world_of_one(state, local)
+    digest = hashlib.sha1(repr(keys).encode()).hexdigest()
+    digests = collective_step(group, "describing the state to save", lambda: digest, gather=True)
+    if len(set(digests)) > 1:
+        _raise_disagreement(group, keys, digests)
+    exchange = [k for k, spread in local.items() if spread is None]
+    regions = {}
+    if exchange:  # the same keys on every rank: the digests agree
+        mine = {k: local_region(state[k]) for k in exchange}
+        gathered = collective_step(group, "exchanging the boxes of strided layouts", lambda: mine, gather=True)
+        regions = {k: [g[k] for g in gathered] for k in exchange}
+    whole = [(k, torch.Size(shape).numel() * _dtype(dt).itemsize) for k, dt, shape, _ in keys if local[k] == "whole"]
+    writers = replica_writers(whole, group.size)
+    spreads: dict[str, Spread] = {}
+    for k, _, shape, _ in keys:
+        spread = local[k]
+        if spread == "whole":
+            spreads[k] = WholeSpread(shape, writers[k])
+        elif spread is None:
+            spreads[k] = ExchangedSpread(shape, tuple(regions[k]))
+        else:
+            spreads[k] = spread
+    return Described(tuple((k, _dtype(dt), shape) for k, dt, shape, _ in keys), spreads, digest)
+
+
+def _check_world_of_one(state: dict, local: dict) -> None:
+    """A world of one must hold every tensor whole: a DTensor sharded over other ranks cannot be
+    collected without them (save it through its plugin, on every rank)."""
+    for key, t in state.items():
+        if is_dtensor(t) and local[key] != "whole" and t.device_mesh.size() > 1:
+            region = local_region(t)
+            if not region.box or region.shape != tuple(t.shape):
                 raise CheckpointError(
                     f"{key} is a DTensor sharded over {t.device_mesh.size()} ranks, but this save runs on this "
                     "process alone; save through the plugin's Booster, called on every rank"
                 )
-    return _Described(keys, regions)
 
 
-def _check_same_keys(described: list[_Described]) -> None:
-    first = described[0].keys
-    for rank, d in enumerate(described[1:], start=1):
-        if d.keys != first:
-            ours, theirs = {k[0]: k for k in first}, {k[0]: k for k in d.keys}
-            diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+def _raise_disagreement(group: Group, keys: list, digests: list[str]) -> None:
+    """Ranks passed different states: gather the keys (only now) to say which differ."""
+    described = collective_step(group, "comparing the states the ranks passed", lambda: keys, gather=True)
+    first = {k[0]: k for k in described[0]}
+    for rank, theirs_list in enumerate(described[1:], start=1):
+        theirs = {k[0]: k for k in theirs_list}
+        diff = sorted(k for k in first.keys() | theirs.keys() if first.get(k) != theirs.get(k))
+        if diff:
             raise CheckpointError(
                 f"ranks disagree on the state to save: rank 0 and rank {rank} differ on {diff[:5]} "
                 "(every rank must pass the same model / optimizer)"
             )
+    raise CheckpointError("ranks disagree on the state to save (their descriptions differ)")
 
 
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.removeprefix("torch."))
+def _dtype(name) -> torch.dtype:
+    return name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."))
 
 
-def _plan(keys, spec: WriteSpec, world_size: int) -> FilePlan:
-    sizes = [(k, torch.Size(shape).numel() * _dtype(dt).itemsize) for k, dt, shape in keys]
-    return plan_files(
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+_PLAN_CACHE_SIZE = 8
+
+
+def _plan(keys, spec: WriteSpec, world_size: int, digest: str | None = None) -> FilePlan:
+    """The file plan, reused across saves of the same structure (a training loop saves the
+    same model and optimizer again and again)."""
+    cache_key = (digest, spec, world_size) if digest is not None else None
+    if cache_key is not None and cache_key in _PLANS:
+        _PLANS.move_to_end(cache_key)
+        return _PLANS[cache_key]
+    sizes = [(k, torch.Size(shape).numel() * _dtype(dt).itemsize) for k, dt, shape, *_ in keys]
+    plan = plan_files(
         sizes,
         world_size,
         weights_name=spec.weights_name,
@@ -109,14 +168,21 @@ def _plan(keys, spec: WriteSpec, world_size: int) -> FilePlan:
         shard=spec.shard,
         empty_file=spec.empty_file,
     )
+    if cache_key is not None:
+        _PLANS[cache_key] = plan
+        while len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    return plan
 
 
-def writer_of_each_key(state: dict, spec: WriteSpec, world_size: int) -> dict[str, int]:
-    """The rank that will write each key, as :func:`write_state` will plan it: computed locally
-    from full shapes, so an async save can stage on each rank only what it needs."""
-    keys = tuple((k, str(t.dtype), tuple(int(d) for d in t.shape)) for k, t in state.items())
-    plan = _plan(keys, spec, world_size)
-    return {key: owner for (_, keys), owner in zip(plan.files, plan.owners) for key in keys}
+def replica_writer_of_each_key(state: dict, group: Group) -> dict[str, int]:
+    """The rank that writes each whole replica of ``state`` (plain tensors, DTensors replicated
+    over the whole group), as :func:`describe` decides it: computed locally, so an async save
+    can stage on each rank only the replicas it writes. Any other rank that needs one (the
+    owner of a ``torch.save`` file) receives it from that rank."""
+    spread_of = SpreadOf(group.rank_of_global(), group.size)
+    whole = [(k, t.numel() * t.element_size()) for k, t in state.items() if spread_of(t) == "whole"]
+    return replica_writers(whole, group.size)
 
 
 def write_state(
@@ -136,13 +202,17 @@ def write_state(
     False), e.g. the staging name of a single-file commit.
     """
     state = {k: without_partial(v) for k, v in state.items()}
-    described = collective_step(group, "describing the state to save", lambda: _describe(state, group), gather=True)
-    _check_same_keys(described)
-    plan = _plan(described[0].keys, spec, group.size)
-    regions = {k: [d.regions[i] for d in described] for i, (k, _, _) in enumerate(described[0].keys)}
+    described = describe(state, group)
+    plan = _plan(described.keys, spec, group.size, described.digest)
     prefix = f"{subdir}/" if subdir else ""
-    records, error = _write_files(state, plan, regions, writer, spec, group, prefix, file_name)
-    report_errors(group, f"writing {spec.weights_name} files", error)
+    if IN_PLACE and spec.use_safetensors and group.active and writer.positional:
+        # several ranks, safetensors on a filesystem: each rank writes its own pieces in place
+        names = [file_name if file_name is not None else prefix + name for name, _ in plan.files]
+        meta = {k: (dt, shape) for k, dt, shape in described.keys}
+        records = write_in_place(state, plan, meta, described.spreads, writer, group, names)
+    else:
+        records, error = _write_files(state, plan, described.spreads, writer, spec, group, prefix, file_name)
+        report_errors(group, f"writing {spec.weights_name} files", error)
     return plan, [dataclasses.replace(r, holds_tensors=True) for r in records]
 
 
@@ -154,7 +224,7 @@ def _rounds(plan: FilePlan, world: int) -> list[list[int]]:
     return [[files[i] for files in per_owner if i < len(files)] for i in range(depth)]
 
 
-def _write_files(state, plan: FilePlan, regions, writer, spec: WriteSpec, group: Group, prefix, file_name):
+def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group: Group, prefix, file_name):
     """The write loop: collect this round's files on their owners, then every owner hands its
     file to a writer thread. A local failure stops this rank's writing but not its part in the
     collectives; the error is reported after the loop."""
@@ -185,7 +255,7 @@ def _write_files(state, plan: FilePlan, regions, writer, spec: WriteSpec, group:
                 (name, keys), owner = plan.files[index], plan.owners[index]
                 tensors = []
                 for key in keys:
-                    full = gather_full(state[key], regions[key], owner, group)
+                    full = gather_full(state[key], spreads[key], owner, group)
                     if full is not None:
                         tensors.append((key, full))
                 if owner == rank:

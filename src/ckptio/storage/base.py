@@ -65,8 +65,28 @@ class HashingStream:
         return self._hasher.hexdigest()
 
 
+class PositionalFile(ABC):
+    """A file several writers fill at known offsets (:meth:`FileWriter.open_at`)."""
+
+    @abstractmethod
+    def write_at(self, offset: int, views: list[memoryview]) -> None:
+        """Write ``views`` back to back starting at byte ``offset``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Make what this writer wrote durable, then close."""
+
+
 class FileWriter(ABC):
-    """Writes files into one staging location; every call returns the file's record."""
+    """Writes files into one staging location; every call returns the file's record.
+
+    A writer with ``positional = True`` also lets several ranks fill one file in place:
+    :meth:`create` (one writer: the head and the final size), :meth:`open_at` (every writer:
+    bytes at offsets), then :meth:`record_of` (one writer, once all are durable: size and
+    checksum, read back since no single writer saw every byte).
+    """
+
+    positional: bool = False
 
     @abstractmethod
     def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> FileRecord:
@@ -75,6 +95,18 @@ class FileWriter(ABC):
     @abstractmethod
     def open_stream(self, name: str):
         """A context manager yielding a :class:`HashingStream`; its record is in ``.record`` after."""
+
+    def create(self, name: str, size: int, head: bytes) -> None:
+        """Create ``name`` holding ``head`` and ``size`` bytes in all (the rest written in place)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write files in place")
+
+    def open_at(self, name: str) -> PositionalFile:
+        """Open an existing file (made by :meth:`create`) to write at offsets."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write files in place")
+
+    def record_of(self, name: str) -> FileRecord:
+        """Size and checksum of a file written in place, read back."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write files in place")
 
 
 class Commit(ABC):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch.distributed.tensor import Replicate, Shard
 
 from ckptio.engine.spread import HeldSpread, Mesh, MeshSpread, WholeSpread, is_contiguous
@@ -57,3 +58,33 @@ def test_whole_and_held_spreads():
     whole, held = WholeSpread((2, 2), writer=1), HeldSpread((2, 2), holder=0)
     assert whole.box(0) == whole.box(1) == Region((0, 0), (2, 2)) and whole.sources() == [(1, Region((0, 0), (2, 2)))]
     assert held.box(1).numel == 0 and held.writes(0) and not held.writes(1)
+
+
+def test_box_arithmetic_is_torchs():
+    """The integer arithmetic equals torch's own for every coordinate of uneven, nested layouts."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    from ckptio.engine.spread import box_at
+
+    cases = [
+        ((10, 3), (4,), (Shard(0),)),
+        ((5, 7), (2, 3), (Shard(0), Shard(1))),
+        ((9, 4), (2, 3), (Shard(0), Shard(0))),  # two mesh dims cutting one tensor dim
+        ((6, 10), (3, 2), (Replicate(), Shard(1))),
+        ((1, 5), (4,), (Shard(0),)),
+        ((7,), (2, 2), (Shard(0), Replicate())),
+    ]
+    for shape, mesh_shape, placements in cases:
+        for flat in range(int(torch.tensor(mesh_shape).prod())):
+            coordinate, rest = [], flat
+            for size in reversed(mesh_shape):
+                coordinate.append(rest % size)
+                rest //= size
+            coordinate = tuple(reversed(coordinate))
+            local, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coordinate), placements)
+            assert box_at(shape, mesh_shape, placements, coordinate) == Region(tuple(offset), tuple(local)), (
+                shape,
+                mesh_shape,
+                placements,
+                coordinate,
+            )

@@ -94,6 +94,38 @@ def _local_bytes(t, region: Region) -> memoryview:
     return safetensors_format.tensor_bytes(local)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One thing a rank does for a save in place, in the order every rank walks the files:
+    write its ``region`` of ``key`` at byte ``offset`` of file ``file``, or (``gather``) take
+    part in collecting ``key`` on the file's owner, which writes it whole at ``offset``."""
+
+    file: int
+    key: str
+    offset: int
+    region: Region | None = None
+    gather: bool = False
+
+
+def rank_steps(plan: FilePlan, meta: Meta, spreads: dict[str, Spread], layouts: list[FileLayout], rank: int):
+    """What ``rank`` does (pure; O(tensors) time and memory whatever the number of ranks: each
+    rank derives its own pieces from the spreads, nobody lists everyone's)."""
+    steps = []
+    for i, (_, keys) in enumerate(plan.files):
+        for key in keys:
+            dtype, shape = meta[key]
+            if not math.prod(shape):
+                continue
+            spread = spreads[key]
+            start = layouts[i].starts[key]
+            if not spread.contiguous:  # collected on the owner: every rank takes part, in order
+                steps.append(Step(i, key, start, gather=True))
+            elif spread.writes(rank):
+                region = spread.box(rank)
+                steps.append(Step(i, key, start + flat_offset(region, shape) * dtypes.element_size(dtype), region))
+    return steps
+
+
 def write_in_place(
     state: dict, plan: FilePlan, meta: Meta, spreads: dict[str, Spread], writer: FileWriter,
     group: Group, names: list[str],
@@ -101,8 +133,9 @@ def write_in_place(
     """Create, fill and check every file of ``plan`` from every rank (collective); returns the
     records of the files this rank owns. Any rank's failure is raised on every rank.
 
-    Each rank works out its own pieces from the spreads alone: for a tensor whose boxes are all
-    contiguous, the box this rank writes (if any); the others are collected on the file's owner.
+    Each rank works out its own pieces from the spreads alone (:func:`rank_steps`): for a tensor
+    whose boxes are all contiguous, the box this rank writes (if any); the others are collected
+    on the file's owner.
     """
     rank = group.rank
     layouts = [file_layout(names[i], keys, meta) for i, (_, keys) in enumerate(plan.files)]
@@ -121,29 +154,25 @@ def write_in_place(
         return opened[i]
 
     try:
-        for i, (_, keys) in enumerate(plan.files):
-            for key in keys:
-                dtype, shape = meta[key]
-                spread = spreads[key]
-                if not math.prod(shape):
-                    continue
-                if not spread.contiguous:  # collective: every rank, same order, even after a local failure
-                    full = gather_full(state[key], spread, plan.owners[i], group)
-                    if full is not None and error is None:
-                        try:
-                            whole = Region((0,) * full.dim(), tuple(full.shape))
-                            file(i).write_at(layouts[i].starts[key], [_local_bytes(full, whole)])
-                        except Exception as exc:  # noqa: BLE001 (reported to every rank below)
-                            error = exc
-                    continue
-                if error is not None or not spread.writes(rank):
-                    continue
-                region = local_region(state[key])
-                offset = layouts[i].starts[key] + flat_offset(region, shape) * dtypes.element_size(dtype)
-                try:
-                    file(i).write_at(offset, [_local_bytes(state[key], region)])
-                except Exception as exc:  # noqa: BLE001 (reported to every rank below)
-                    error = exc
+        for step in rank_steps(plan, meta, spreads, layouts, rank):
+            if step.gather:  # collective: every rank, same order, even after a local failure
+                full = gather_full(state[step.key], spreads[step.key], plan.owners[step.file], group)
+                if full is not None and error is None:
+                    try:
+                        whole = Region((0,) * full.dim(), tuple(full.shape))
+                        file(step.file).write_at(step.offset, [_local_bytes(full, whole)])
+                    except Exception as exc:  # noqa: BLE001 (reported to every rank below)
+                        error = exc
+                continue
+            if error is not None:
+                continue
+            try:
+                region = local_region(state[step.key])
+                if region != step.region:
+                    raise RuntimeError(f"{step.key}: holds box {region}, the plan expects {step.region}")
+                file(step.file).write_at(step.offset, [_local_bytes(state[step.key], region)])
+            except Exception as exc:  # noqa: BLE001 (reported to every rank below)
+                error = exc
     finally:
         for handle in opened.values():
             try:

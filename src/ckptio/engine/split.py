@@ -5,6 +5,7 @@ It knows nothing of tensors or files, so it is tested with plain integers.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,10 +60,10 @@ def assign_owners(sizes: Sequence[int], n_owners: int) -> tuple[int, ...]:
     """
     if n_owners <= 0:
         raise ValueError(f"n_owners must be positive, got {n_owners}")
-    loads = [0] * n_owners
+    heap = [(0, r) for r in range(min(n_owners, len(sizes)))]  # (load, owner): the least loaded, lowest first
     owners = [0] * len(sizes)
     for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        owner = min(range(n_owners), key=lambda r: (loads[r], r))
+        load, owner = heapq.heappop(heap)
         owners[index] = owner
-        loads[owner] += sizes[index]
+        heapq.heappush(heap, (load + sizes[index], owner))
     return tuple(owners)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ckptio.engine.tensors import Region, StagedPart, is_dtensor
 
@@ -156,10 +157,7 @@ class MeshSpread(Spread):
         return self.mesh.coordinate(rank)
 
     def _box_at(self, coordinate: tuple[int, ...]) -> Region:
-        local, offset = _compute_local_shape_and_global_offset(
-            self.shape, self.mesh_shape, list(coordinate), list(self.placements)
-        )
-        return Region(tuple(int(o) for o in offset), tuple(int(s) for s in local))
+        return box_at(self.shape, self.mesh.shape, self.placements, coordinate)
 
     def box(self, rank: int) -> Region:
         coordinate = self._coordinate(rank)
@@ -194,6 +192,31 @@ class MeshSpread(Spread):
         if len(dims) > 1:
             return False
         return all(self.shape[d] == 1 for d in range(min(dims))) if dims else True
+
+
+def _chunk(size: int, chunks: int, index: int) -> tuple[int, int]:
+    """``(length, start)`` of chunk ``index`` of ``size`` elements cut like ``torch.chunk``
+    (what ``Shard`` does: chunks of ``ceil(size / chunks)``, the last ones shorter or empty)."""
+    if size % chunks == 0:
+        length = size // chunks
+        return length, length * index
+    length = -(-size // chunks)
+    start = length * index
+    return max(0, min(size, start + length) - start), min(size, start)
+
+
+@lru_cache(maxsize=65536)
+def box_at(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple, coordinate: tuple) -> Region:
+    """The box held at ``coordinate`` of a mesh under ``Shard``/``Replicate`` placements: torch's
+    arithmetic (``Shard.local_shard_size_and_offset`` applied mesh dimension by mesh dimension),
+    done on integers and cached, since a model repeats a few shapes over many tensors."""
+    local, offset = list(shape), [0] * len(shape)
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, Shard):
+            length, start = _chunk(local[placement.dim], mesh_shape[mesh_dim], coordinate[mesh_dim])
+            offset[placement.dim] += start
+            local[placement.dim] = length
+    return Region(tuple(offset), tuple(local))
 
 
 @dataclass(frozen=True)

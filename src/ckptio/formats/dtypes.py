@@ -66,7 +66,7 @@ def from_name(name: str, *, path=None) -> torch.dtype:
 
 
 def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _kind(dtype: torch.dtype) -> str:

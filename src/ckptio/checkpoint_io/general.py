@@ -30,11 +30,18 @@ from ckptio.engine.optimizer import (
 from ckptio.engine.optimizer import prepare_optimizer_load as read_optimizer_state
 from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, save_parts, stage_all
 from ckptio.errors import StateMismatchError
+from ckptio.formats import colossal_optim
 from ckptio.layouts import lr_scheduler as lr_scheduler_layout
 from ckptio.layouts.detect import detect
-from ckptio.layouts.lr_scheduler import prefers_torch, scheduler_file_bytes
+from ckptio.layouts.lr_scheduler import scheduler_file_bytes
 from ckptio.layouts.model import ModelSaveOptions, model_metadata, model_owned_files
-from ckptio.layouts.optimizer import OptimizerSaveOptions, index_metadata, owned_files, write_full
+from ckptio.layouts.optimizer import (
+    OptimizerSaveOptions,
+    index_metadata,
+    owned_files,
+    single_file_format,
+    write_full,
+)
 from ckptio.state.hf_config import hf_config_files
 from ckptio.state.model import live_state, state_to_save, tied_aliases, unwrap_model
 from ckptio.state.report import LoadReport
@@ -79,8 +86,8 @@ class GeneralCheckpointIO(CheckpointIO):
             master_only=self.group.solo,
         )
 
-    def optimizer_part(self, optimizer, opts: OptimizerSaveOptions, *, subdir: str = "") -> Part:
-        """ckptio's sharded layout goes through the engine like weights; one torch file and
+    def optimizer_part(self, optimizer, opts: OptimizerSaveOptions, *, subdir: str = "", checkpoint=None) -> Part:
+        """ckptio's sharded layout goes through the engine like weights; one file and
         ColossalAI's layout are gathered whole on the master, which writes them."""
         if opts.shard and opts.layout == "ckptio":
             flat, description = flat_optimizer_state(optimizer)
@@ -95,6 +102,8 @@ class GeneralCheckpointIO(CheckpointIO):
                 master_only=self.group.solo,
             )
         check_restorable_layout(optimizer)  # before any collective: the same verdict on every rank
+        if not opts.shard and opts.single_file == "safetensors":
+            colossal_optim.check_flat(optimizer.state_dict(), path=checkpoint)
         return CallbackPart(
             lambda group: full_state_dict_on_master(optimizer, group),
             lambda writer, file_name, full: write_full(writer, file_name, full, opts, subdir),
@@ -103,10 +112,11 @@ class GeneralCheckpointIO(CheckpointIO):
             master_only=self.group.solo,
         )
 
-    def lr_scheduler_part(self, lr_scheduler, name: str, *, prefer_torch: bool = False) -> Part:
-        """The scheduler's state as one small file, written by the master (every rank holds the same)."""
-        return FilesPart({name: scheduler_file_bytes(lr_scheduler.state_dict(), prefer_torch=prefer_torch)},
-                         master_only=True)  # fmt: skip
+    def lr_scheduler_part(self, lr_scheduler, name: str, *, checkpoint=None) -> Part:
+        """The scheduler's state as one small ``torch.save`` file, written by the master (every rank
+        holds the same)."""
+        data = scheduler_file_bytes(lr_scheduler.state_dict(), path=checkpoint or name)
+        return FilesPart({name: data}, master_only=True)
 
     def manifest_extra(self) -> dict[str, Any] | None:
         return {"layout": self.layout} if self.layout else None
@@ -175,9 +185,12 @@ class GeneralCheckpointIO(CheckpointIO):
 
     # ------------------------------------------------------------------ optimizer
     def _save_optimizer(self, optimizer, checkpoint: str, *, shard, gather_dtensor, prefix, max_shard_bytes, use_async):
-        opts = OptimizerSaveOptions(shard, prefix, max_shard_bytes, self.optimizer_layout)
-        self.save_parts(checkpoint, [self.optimizer_part(optimizer, opts)], folder=shard, owns=owned_files(prefix),
-                        use_async=use_async, what=f"optimizer to {checkpoint}")  # fmt: skip
+        opts = OptimizerSaveOptions(
+            shard, prefix, max_shard_bytes, self.optimizer_layout, single_file_format(checkpoint)
+        )
+        part = self.optimizer_part(optimizer, opts, checkpoint=checkpoint)
+        self.save_parts(checkpoint, [part], folder=shard, owns=owned_files(prefix), use_async=use_async,
+                        what=f"optimizer to {checkpoint}")  # fmt: skip
 
     def _load_optimizer(self, optimizer, checkpoint: str, *, low_cpu_mem_mode, num_threads, verify):
         # Checked and read on every rank first: no rank changes its optimizer unless every rank can.
@@ -190,7 +203,7 @@ class GeneralCheckpointIO(CheckpointIO):
 
     # ------------------------------------------------------------------ lr scheduler
     def _save_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
-        part = self.lr_scheduler_part(lr_scheduler, "lr_scheduler", prefer_torch=prefers_torch(checkpoint))
+        part = self.lr_scheduler_part(lr_scheduler, "lr_scheduler", checkpoint=checkpoint)
         self.save_parts(checkpoint, [part], folder=False)
 
     def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
@@ -223,4 +236,3 @@ class GeneralCheckpointIO(CheckpointIO):
     def prepare_lr_scheduler_load(self, lr_scheduler, checkpoint: str) -> Callable[[], None]:
         """Read and check a scheduler file against ``lr_scheduler``; returns the call that loads it."""
         return lr_scheduler_layout.prepare_lr_scheduler_load(lr_scheduler, checkpoint)
-

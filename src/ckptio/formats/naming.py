@@ -29,6 +29,9 @@ OPTIMIZER_INDEX = "optimizer.index.json"
 COLOSSAL_OPTIM_STATES = "pytorch_optim.bin"
 COLOSSAL_OPTIM_INDEX = "pytorch_optim.bin.index.json"
 COLOSSAL_OPTIM_GROUPS = "pytorch_optim_group.bin"
+# ... and what ColossalAI 0.5 writes with use_async=True: safetensors shards `optimizer-00001.safetensors`
+# (flat keys, see formats/colossal_optim.py) under this index, with the same group file
+COLOSSAL_OPTIM_SAFE_INDEX = "optimizer.safetensors.index.json"
 
 # Temporaries are hidden siblings: `.NAME.ckptio-tmp-TOKEN` (being written),
 # `.NAME.ckptio-old-TOKEN` (a replaced checkpoint, deleted right after the commit; put back by
@@ -106,7 +109,9 @@ def safetensors_twin(index: str) -> str:
 
 
 _OPTIMIZER_INDEX_RE = re.compile(r"^optimizer\.index(?:\.[A-Za-z0-9_\-]+)?\.json$")
-_COLOSSAL_OPTIM_INDEX_RE = re.compile(r"^pytorch_optim\.bin\.index(?:\.[A-Za-z0-9_\-]+)?\.json$")
+_COLOSSAL_OPTIM_INDEX_RE = re.compile(
+    r"^(?:pytorch_optim\.bin|optimizer\.safetensors)\.index(?:\.[A-Za-z0-9_\-]+)?\.json$"
+)
 
 
 def is_optimizer_index(name: str) -> bool:
@@ -115,7 +120,8 @@ def is_optimizer_index(name: str) -> bool:
 
 
 def is_colossal_optimizer_index(name: str) -> bool:
-    """ColossalAI's optimizer index (``pytorch_optim.bin.index[.PREFIX].json``)."""
+    """ColossalAI's optimizer index (``pytorch_optim.bin.index[.PREFIX].json``, or
+    ``optimizer.safetensors.index[.PREFIX].json`` for its safetensors shards)."""
     return bool(_COLOSSAL_OPTIM_INDEX_RE.match(name))
 
 
@@ -178,9 +184,10 @@ def optimizer_files_pattern(prefix: str | None) -> re.Pattern[str]:
     p = re.escape(f".{prefix}") if prefix else ""
     states, index, groups = (re.escape(n) for n in colossal_optimizer_names(prefix))
     colossal_stem = states[: -len(re.escape(".bin"))]
+    safe_index = re.escape(add_prefix(COLOSSAL_OPTIM_SAFE_INDEX, prefix))
     return re.compile(
-        rf"^(?:optimizer{p}(?:-\d{{5}}-of-\d{{5}})?\.safetensors|optimizer\.index{p}\.json"
-        rf"|{index}|{groups}|{colossal_stem}-\d{{5}}\.bin)$"
+        rf"^(?:optimizer{p}(?:-\d{{5}}(?:-of-\d{{5}})?)?\.safetensors|optimizer\.index{p}\.json"
+        rf"|{index}|{safe_index}|{groups}|{colossal_stem}-\d{{5}}\.bin)$"
     )
 
 

@@ -5,7 +5,7 @@
     <save_dir>/epoch-<E>_step-<S>/
         modeling/               the model (sharded safetensors + index, config.json for HF models)
         optimizer/              the optimizer (sharded; layout of ``booster.checkpoint_io.optimizer_layout``)
-        lr_scheduler            the scheduler state (JSON, or a torch file when JSON cannot hold it)
+        lr_scheduler            torch.save(lr_scheduler.state_dict()), the file ColossalAI reads
         running_states.json     {"epoch", "step", "sample_start_index": step * batch_size, ...}
         rng_state/rank_00000.json   one per rank: Python, NumPy, torch CPU and CUDA RNG states
         ckptio_manifest.json    sizes and checksums of everything above

@@ -31,6 +31,7 @@ from ckptio.engine.optimizer import prepare_optimizer_load as read_optimizer_sta
 from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, save_parts, stage_all
 from ckptio.errors import StateMismatchError
 from ckptio.formats import colossal_optim
+from ckptio.formats import extra_state as extra_state_format
 from ckptio.layouts import lr_scheduler as lr_scheduler_layout
 from ckptio.layouts.detect import detect
 from ckptio.layouts.lr_scheduler import scheduler_file_bytes
@@ -43,7 +44,7 @@ from ckptio.layouts.optimizer import (
     write_full,
 )
 from ckptio.state.hf_config import hf_config_files
-from ckptio.state.model import live_state, state_to_save, tied_aliases, unwrap_model
+from ckptio.state.model import extra_state_modules, live_state, model_state_to_save, tied_aliases, unwrap_model
 from ckptio.state.report import LoadReport
 
 
@@ -72,16 +73,20 @@ class GeneralCheckpointIO(CheckpointIO):
     def model_part(
         self, model: nn.Module, opts: ModelSaveOptions, *, subdir: str = "", checkpoint=None, extra_files=None
     ) -> Part:
-        """The model's weights (tied tensors once), plus the index and ``extra_files`` of a sharded
-        save (default: ``config.json`` and ``generation_config.json`` of a ``transformers`` model)."""
+        """The model's weights (tied tensors once) and modules' extra state, plus the index and
+        ``extra_files`` of a sharded save (default: ``config.json`` and ``generation_config.json``
+        of a ``transformers`` model). Extra state that is not a tensor is encoded now, so a value
+        that cannot be saved raises before anything is written."""
         if extra_files is None and opts.shard:
             extra_files = hf_config_files(unwrap_model(model))
+        tensors, extra = model_state_to_save(model)
+        encoded = extra_state_format.encode(extra, path=checkpoint) if extra else None
         return TensorPart(
-            state_to_save(model),
-            opts.write_spec(checkpoint),
+            tensors,
+            opts.write_spec(checkpoint, encoded),
             self.group,
             subdir=subdir,
-            metadata=model_metadata(opts, extra_files) if opts.shard else None,
+            metadata=model_metadata(opts, extra_files, encoded) if opts.shard else None,
             slot="model",
             master_only=self.group.solo,
         )
@@ -179,7 +184,7 @@ class GeneralCheckpointIO(CheckpointIO):
         dest = live_state(model)
         report: LoadReport = load_state(
             dest, checkpoint, self.group, strict=strict, aliases=tied_aliases(dest), verify=verify,
-            num_threads=num_threads,
+            num_threads=num_threads, extra=extra_state_modules(model),
         )  # fmt: skip
         return report
 
@@ -221,7 +226,9 @@ class GeneralCheckpointIO(CheckpointIO):
     def check_model_load(self, model: nn.Module, checkpoint: str, *, strict: bool) -> LoadReport:
         """The fit of a model checkpoint to ``model`` from the headers alone (strict: raises)."""
         dest = live_state(model)
-        _, report = match_files(detect(checkpoint, "model"), dest, tied_aliases(dest))
+        report = match_files(
+            detect(checkpoint, "model"), dest, tied_aliases(dest), extra=extra_state_modules(model)
+        ).report
         if strict and not report.ok:
             raise StateMismatchError(
                 f"checkpoint does not fit the model (strict=True): {report.describe()}", path=checkpoint, report=report

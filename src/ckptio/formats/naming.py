@@ -22,6 +22,10 @@ TRAINING_OPTIMIZER_DIR = "optimizer"
 TRAINING_LR_SCHEDULER = "lr_scheduler"
 RUNNING_STATES = "running_states.json"
 RNG_DIR = "rng_state"
+# objects with state_dict()/load_state_dict() saved with a training checkpoint: stateful/<name>.json + .safetensors
+STATEFUL_DIR = "stateful"
+# torch's state_dict() key of a module's get_extra_state() (nn.modules.module._EXTRA_STATE_KEY_SUFFIX)
+EXTRA_STATE_SUFFIX = "_extra_state"
 # ckptio's optimizer layout: safetensors shards of state tensors keyed `<param>/<state>` + a JSON index
 OPTIMIZER_WEIGHTS = "optimizer.safetensors"
 OPTIMIZER_INDEX = "optimizer.index.json"
@@ -145,6 +149,12 @@ def colossal_optimizer_names(prefix: str | None = None) -> tuple[str, str, str]:
 def colossal_shard_name(states_name: str, index: int) -> str:
     """ColossalAI numbers optimizer shards without ``-of-N``: ``pytorch_optim-00001.bin``."""
     return states_name.replace(".bin", f"-{index + 1:05d}.bin")
+
+
+def stateful_file_names(name: str) -> tuple[str, str]:
+    """``(JSON, tensors)`` files of a stateful object ``name`` (letters, digits, ``_``, ``-``) in a
+    training checkpoint: ``stateful/ema.json``, ``stateful/ema.safetensors``."""
+    return f"{STATEFUL_DIR}/{name}.json", f"{STATEFUL_DIR}/{name}.safetensors"
 
 
 def rng_file_name(rank: int) -> str:

@@ -135,7 +135,7 @@ class CheckpointManager:
         """Save ``epoch-E_step-S`` and rotate; returns its path, or None when ``save_every`` skips it.
 
         ``kwargs`` go to :func:`ckptio.training.save_checkpoint` (``sampler``, ``size_per_shard``,
-        ``use_safetensors``, ``use_async``, ``extra_states``). With ``use_async=True`` the old
+        ``use_safetensors``, ``use_async``, ``extra_states``, ``stateful``). With ``use_async=True`` the old
         checkpoints are deleted once the new one is durable: at the next ``save`` or ``wait``,
         never before. A step this run already saved (or resumed from) is replaced atomically.
         Raises ``CheckpointExistsError`` on every rank, writing nothing, while ``save_dir`` holds
@@ -300,7 +300,8 @@ class CheckpointManager:
         """Load the newest good checkpoint; ``(epoch, step, sample_start_index)``, or None if there is none.
 
         ``kwargs`` go to :func:`ckptio.training.load_checkpoint` (``sampler``, ``strict``,
-        ``verify``, ``restore_rng``). A damaged checkpoint (a missing or truncated file, a bad
+        ``verify``, ``restore_rng``, and ``stateful``: the objects saved with
+        ``save(..., stateful=...)``). A damaged checkpoint (a missing or truncated file, a bad
         checksum with ``verify=True``, a file that does not parse) is skipped with a warning for
         the next older one; :func:`load_checkpoint` checks every part before it changes anything,
         on every rank with one verdict, so every rank skips the same ones and nothing of a skipped

@@ -1,4 +1,5 @@
-"""LR scheduler state: JSON when possible, torch files otherwise, ColossalAI's torch.save file loads."""
+"""LR scheduler state: a torch.save file that ColossalAI's torch.load (weights_only=True) reads, ColossalAI's
+file loads, and the JSON files of earlier ckptio versions still load."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.optim import lr_scheduler as sched
 
 from ckptio import Booster, CheckpointError
 from ckptio.formats import tagged_json as optimizer_json
+from ckptio.tools import inspect_checkpoint
 
 
 class Warmup:
@@ -61,12 +63,13 @@ def lrs_after(opt, scheduler, steps: int = 4) -> list[list[float]]:
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_round_trip_as_json(tmp_path, name):
+def test_round_trip_through_a_file_colossalai_reads(tmp_path, name):
     opt, scheduler = stepped(name)
     booster = Booster()
     booster.save_lr_scheduler(scheduler, tmp_path / "lr_scheduler")
-    body = json.loads((tmp_path / "lr_scheduler").read_text())
-    assert body["format"] == "ckptio-lr-scheduler" and body["format_version"] == 1
+    # ColossalAI's load_lr_scheduler: torch.load (weights_only=True by default since torch 2.6)
+    assert torch.load(tmp_path / "lr_scheduler", weights_only=True) == scheduler.state_dict()
+    assert inspect_checkpoint(tmp_path / "lr_scheduler")["kind"] == "lr_scheduler"  # the CLI tells it apart
     opt2 = optimizer()
     scheduler2 = SCHEDULERS[name](opt2)  # built first, as in a real resume: it may change the lr ...
     opt2.load_state_dict(opt.state_dict())  # ... which the optimizer's own state then restores
@@ -86,15 +89,33 @@ def test_colossalai_torch_file_loads(tmp_path, name):
     assert scheduler2.state_dict() == scheduler.state_dict()
 
 
-def test_torch_suffix_and_unjsonable_state_write_torch_files(tmp_path):
+@pytest.mark.parametrize("name", ["lambda-obj", "sequential", "step"])
+def test_json_files_of_earlier_versions_still_load(tmp_path, name):
+    opt, scheduler = stepped(name)
+    body = {
+        "format": "ckptio-lr-scheduler",
+        "format_version": 1,
+        "state": optimizer_json.encode(scheduler.state_dict()),
+    }
+    (tmp_path / "lr_scheduler").write_text(json.dumps(body, indent=1) + "\n")
+    opt2 = optimizer()
+    scheduler2 = SCHEDULERS[name](opt2)
+    opt2.load_state_dict(opt.state_dict())
+    Booster().load_lr_scheduler(scheduler2, tmp_path / "lr_scheduler")
+    assert scheduler2.state_dict() == scheduler.state_dict()
+
+
+def test_state_torch_load_refuses_is_not_saved(tmp_path):
     opt, scheduler = stepped("step")
     booster = Booster()
+    scheduler.complex = torch.tensor([1 + 2j])  # part of StepLR's state_dict: tensors are fine
     booster.save_lr_scheduler(scheduler, tmp_path / "sched.pt")
-    assert torch.load(tmp_path / "sched.pt", weights_only=True) == scheduler.state_dict()
-    scheduler.complex = torch.tensor([1 + 2j])  # part of StepLR's state_dict, no exact JSON form
-    booster.save_lr_scheduler(scheduler, tmp_path / "lr_scheduler")
-    assert not (tmp_path / "lr_scheduler").read_bytes().startswith(b"{")
-    assert torch.equal(torch.load(tmp_path / "lr_scheduler", weights_only=True)["complex"], torch.tensor([1 + 2j]))
+    assert torch.equal(torch.load(tmp_path / "sched.pt", weights_only=True)["complex"], torch.tensor([1 + 2j]))
+    scheduler.helper = Warmup(3)  # an object: ColossalAI's torch.load (weights_only=True) would refuse the file
+    with pytest.raises(CheckpointError, match="weights_only=True") as info:
+        booster.save_lr_scheduler(scheduler, tmp_path / "lr_scheduler")
+    assert "lr_scheduler" in str(info.value)
+    assert not (tmp_path / "lr_scheduler").exists()
 
 
 def test_bad_files(tmp_path):

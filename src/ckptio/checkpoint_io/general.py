@@ -30,13 +30,21 @@ from ckptio.engine.optimizer import (
 from ckptio.engine.optimizer import prepare_optimizer_load as read_optimizer_state
 from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, save_parts, stage_all
 from ckptio.errors import StateMismatchError
+from ckptio.formats import colossal_optim
+from ckptio.formats import extra_state as extra_state_format
 from ckptio.layouts import lr_scheduler as lr_scheduler_layout
 from ckptio.layouts.detect import detect
-from ckptio.layouts.lr_scheduler import prefers_torch, scheduler_file_bytes
+from ckptio.layouts.lr_scheduler import scheduler_file_bytes
 from ckptio.layouts.model import ModelSaveOptions, model_metadata, model_owned_files
-from ckptio.layouts.optimizer import OptimizerSaveOptions, index_metadata, owned_files, write_full
+from ckptio.layouts.optimizer import (
+    OptimizerSaveOptions,
+    index_metadata,
+    owned_files,
+    single_file_format,
+    write_full,
+)
 from ckptio.state.hf_config import hf_config_files
-from ckptio.state.model import live_state, state_to_save, tied_aliases, unwrap_model
+from ckptio.state.model import extra_state_modules, live_state, model_state_to_save, tied_aliases, unwrap_model
 from ckptio.state.report import LoadReport
 
 
@@ -65,22 +73,26 @@ class GeneralCheckpointIO(CheckpointIO):
     def model_part(
         self, model: nn.Module, opts: ModelSaveOptions, *, subdir: str = "", checkpoint=None, extra_files=None
     ) -> Part:
-        """The model's weights (tied tensors once), plus the index and ``extra_files`` of a sharded
-        save (default: ``config.json`` and ``generation_config.json`` of a ``transformers`` model)."""
+        """The model's weights (tied tensors once) and modules' extra state, plus the index and
+        ``extra_files`` of a sharded save (default: ``config.json`` and ``generation_config.json``
+        of a ``transformers`` model). Extra state that is not a tensor is encoded now, so a value
+        that cannot be saved raises before anything is written."""
         if extra_files is None and opts.shard:
             extra_files = hf_config_files(unwrap_model(model))
+        tensors, extra = model_state_to_save(model)
+        encoded = extra_state_format.encode(extra, path=checkpoint) if extra else None
         return TensorPart(
-            state_to_save(model),
-            opts.write_spec(checkpoint),
+            tensors,
+            opts.write_spec(checkpoint, encoded),
             self.group,
             subdir=subdir,
-            metadata=model_metadata(opts, extra_files) if opts.shard else None,
+            metadata=model_metadata(opts, extra_files, encoded) if opts.shard else None,
             slot="model",
             master_only=self.group.solo,
         )
 
-    def optimizer_part(self, optimizer, opts: OptimizerSaveOptions, *, subdir: str = "") -> Part:
-        """ckptio's sharded layout goes through the engine like weights; one torch file and
+    def optimizer_part(self, optimizer, opts: OptimizerSaveOptions, *, subdir: str = "", checkpoint=None) -> Part:
+        """ckptio's sharded layout goes through the engine like weights; one file and
         ColossalAI's layout are gathered whole on the master, which writes them."""
         if opts.shard and opts.layout == "ckptio":
             flat, description = flat_optimizer_state(optimizer)
@@ -95,6 +107,8 @@ class GeneralCheckpointIO(CheckpointIO):
                 master_only=self.group.solo,
             )
         check_restorable_layout(optimizer)  # before any collective: the same verdict on every rank
+        if not opts.shard and opts.single_file == "safetensors":
+            colossal_optim.check_flat(optimizer.state_dict(), path=checkpoint)
         return CallbackPart(
             lambda group: full_state_dict_on_master(optimizer, group),
             lambda writer, file_name, full: write_full(writer, file_name, full, opts, subdir),
@@ -103,10 +117,11 @@ class GeneralCheckpointIO(CheckpointIO):
             master_only=self.group.solo,
         )
 
-    def lr_scheduler_part(self, lr_scheduler, name: str, *, prefer_torch: bool = False) -> Part:
-        """The scheduler's state as one small file, written by the master (every rank holds the same)."""
-        return FilesPart({name: scheduler_file_bytes(lr_scheduler.state_dict(), prefer_torch=prefer_torch)},
-                         master_only=True)  # fmt: skip
+    def lr_scheduler_part(self, lr_scheduler, name: str, *, checkpoint=None) -> Part:
+        """The scheduler's state as one small ``torch.save`` file, written by the master (every rank
+        holds the same)."""
+        data = scheduler_file_bytes(lr_scheduler.state_dict(), path=checkpoint or name)
+        return FilesPart({name: data}, master_only=True)
 
     def manifest_extra(self) -> dict[str, Any] | None:
         return {"layout": self.layout} if self.layout else None
@@ -173,14 +188,18 @@ class GeneralCheckpointIO(CheckpointIO):
         report: LoadReport = load_state(
             dest, checkpoint, self.group, strict=strict, aliases=tied_aliases(dest), verify=verify,
             num_threads=num_threads, key_map=key_map, allow_dtype_cast=allow_dtype_cast,
+            extra=extra_state_modules(model),
         )  # fmt: skip
         return report
 
     # ------------------------------------------------------------------ optimizer
     def _save_optimizer(self, optimizer, checkpoint: str, *, shard, gather_dtensor, prefix, max_shard_bytes, use_async):
-        opts = OptimizerSaveOptions(shard, prefix, max_shard_bytes, self.optimizer_layout)
-        self.save_parts(checkpoint, [self.optimizer_part(optimizer, opts)], folder=shard, owns=owned_files(prefix),
-                        use_async=use_async, what=f"optimizer to {checkpoint}")  # fmt: skip
+        opts = OptimizerSaveOptions(
+            shard, prefix, max_shard_bytes, self.optimizer_layout, single_file_format(checkpoint)
+        )
+        part = self.optimizer_part(optimizer, opts, checkpoint=checkpoint)
+        self.save_parts(checkpoint, [part], folder=shard, owns=owned_files(prefix), use_async=use_async,
+                        what=f"optimizer to {checkpoint}")  # fmt: skip
 
     def _load_optimizer(self, optimizer, checkpoint: str, *, low_cpu_mem_mode, num_threads, verify):
         # Checked and read on every rank first: no rank changes its optimizer unless every rank can.
@@ -193,7 +212,7 @@ class GeneralCheckpointIO(CheckpointIO):
 
     # ------------------------------------------------------------------ lr scheduler
     def _save_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
-        part = self.lr_scheduler_part(lr_scheduler, "lr_scheduler", prefer_torch=prefers_torch(checkpoint))
+        part = self.lr_scheduler_part(lr_scheduler, "lr_scheduler", checkpoint=checkpoint)
         self.save_parts(checkpoint, [part], folder=False)
 
     def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None:
@@ -213,9 +232,10 @@ class GeneralCheckpointIO(CheckpointIO):
     ) -> LoadReport:
         """The fit of a model checkpoint to ``model`` from the headers alone (strict: raises)."""
         dest = live_state(model)
-        _, report = match_files(
-            detect(checkpoint, "model"), dest, tied_aliases(dest), key_map=key_map, allow_dtype_cast=allow_dtype_cast
-        )
+        report = match_files(
+            detect(checkpoint, "model"), dest, tied_aliases(dest), key_map=key_map,
+            allow_dtype_cast=allow_dtype_cast, extra=extra_state_modules(model),
+        ).report  # fmt: skip
         if strict and not report.ok:
             raise StateMismatchError(
                 f"checkpoint does not fit the model (strict=True): {report.describe()}", path=checkpoint, report=report
@@ -230,4 +250,3 @@ class GeneralCheckpointIO(CheckpointIO):
     def prepare_lr_scheduler_load(self, lr_scheduler, checkpoint: str) -> Callable[[], None]:
         """Read and check a scheduler file against ``lr_scheduler``; returns the call that loads it."""
         return lr_scheduler_layout.prepare_lr_scheduler_load(lr_scheduler, checkpoint)
-

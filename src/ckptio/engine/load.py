@@ -6,23 +6,31 @@ unexpected or mismatching key is known before a single byte is copied and a stri
 refuse with one complete report, the live state untouched; the verdict is the same on every
 rank. Then each rank reads only the box it holds of each tensor (all of it for a replica or
 one process), file by file in the order the bytes sit, ``num_threads`` files at once.
+
+Modules' extra state (``<module>._extra_state``) is matched by key too (missing and unexpected
+ones are reported like tensors), but never copied into a live tensor: its saved value (JSON
+from the index or the file, or a tensor of the files read whole, whatever its shape) is handed
+back with ``set_extra_state`` once the tensors are in, on every rank.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from ckptio.engine.group import Group, collective_step, report_errors
-from ckptio.engine.reader import Shapes, TensorFile, read_shapes
+from ckptio.engine.reader import Shapes, TensorFile
 from ckptio.engine.tensors import is_dtensor, local_part, local_region
 from ckptio.errors import CheckpointCorruptError, CheckpointError, StateMismatchError
+from ckptio.formats import extra_state
 from ckptio.formats.dtypes import cast_refusal, to_name
 from ckptio.layouts.detect import Located, detect
 from ckptio.state.report import (
@@ -41,16 +49,56 @@ from ckptio.storage.verify import check_against_manifest
 CopyPlan = list[tuple[str, list[tuple[str, str]]]]
 
 
+@dataclass(frozen=True)
+class TensorAt:
+    """An extra state saved as a tensor: read whole from ``file`` when it is handed back."""
+
+    file: str
+    key: str
+
+
+class Matched(NamedTuple):
+    """What :func:`match_files` found: the copies to make, the report, and for each live extra
+    state (``<module>._extra_state``) its saved value, or where its tensor is."""
+
+    per_file: CopyPlan
+    report: LoadReport
+    extra: dict[str, Any]
+
+
+def _header(path: Path) -> tuple[Shapes, dict[str, Any]]:
+    with TensorFile(path) as tf:
+        return tf.shapes(), tf.extra_state()
+
+
+def _index_extra_state(located: Located) -> dict[str, Any]:
+    index = located.index
+    if index is None or extra_state.INDEX_KEY not in index.metadata:
+        return {}
+    return extra_state.decode(index.metadata[extra_state.INDEX_KEY], path=index.path)
+
+
+def saved_extra_state(located: Located) -> dict[str, Any]:
+    """Every extra state of a model checkpoint that is not a tensor, by its key in the files."""
+    found = _index_extra_state(located)
+    for name in located.weight_files:
+        with TensorFile(located.folder / name) as tf:
+            found.update(tf.extra_state())
+    return found
+
+
 def match_files(
     located: Located,
     dest: dict[str, torch.Tensor],
     aliases: dict[str, str],
-    read: Callable[[Path], Shapes] = read_shapes,
     *,
     key_map: KeyMap | None = None,
     allow_dtype_cast: bool = True,
-) -> tuple[CopyPlan, LoadReport]:
-    """Pair every tensor of every file with its live tensor from the headers alone.
+    extra: Collection[str] = (),
+) -> Matched:
+    """Pair every tensor of every file with its live tensor from the headers alone, and every
+    saved extra state with a live one among ``extra`` (keys of modules' extra state, whose value
+    is handed back whole, whatever its type or shape).
 
     Checkpoint keys go through the wrapper prefix (one for the whole checkpoint) and then
     ``key_map``; keys it drops are neither loaded nor unexpected, and live keys nothing maps to
@@ -62,10 +110,14 @@ def match_files(
     report = LoadReport()
     per_file: CopyPlan = []
     loaded: set[str] = set()
+    found: dict[str, Any] = {}
+    extra = set(extra)
     index = located.index
     to_model = key_mapper(key_map)
-    headers = [(name, read(located.folder / name)) for name in located.weight_files]
-    for name, shapes in headers:
+    headers = [(name, *_header(located.folder / name)) for name in located.weight_files]
+    saved_extra = _index_extra_state(located)
+    for name, shapes, values in headers:
+        saved_extra.update(values)
         if index is not None:
             absent = [k for k, f in index.weight_map.items() if f == name and k not in shapes]
             if absent:
@@ -73,11 +125,12 @@ def match_files(
                     f"index {Path(index.path).name} places {absent[:5]} in this shard but it does not hold them",
                     path=located.folder / name,
                 )
+    live_keys = set(dest) | extra
     # one prefix for the whole checkpoint: per file (or per key) it could swap tensors
-    prefix = wrapper_prefix((k for _, shapes in headers for k in shapes), dest, to_model)
+    prefix = wrapper_prefix([*(k for _, shapes, _ in headers for k in shapes), *saved_extra], live_keys, to_model)
     source: dict[str, str] = {}  # live key -> the checkpoint key loaded into it
-    for name, shapes in headers:
-        mapping, unexpected, dropped = match_keys(list(shapes), dest, prefix, to_model)
+    for name, shapes, _ in headers:
+        mapping, unexpected, dropped = match_keys(list(shapes), live_keys, prefix, to_model)
         report.unexpected_keys.extend(unexpected)
         report.dropped_keys.extend(dropped)
         where = name if index is not None else ""
@@ -88,6 +141,9 @@ def match_files(
                     f"key_map maps both {source[live_key]!r} and {file_key!r} to the model's {live_key!r}",
                     path=located.entry_path,
                 )
+            if live_key in extra:
+                found[live_key] = TensorAt(name, file_key)
+                continue
             dtype, shape = shapes[file_key]
             live = dest[live_key]
             refusal = None
@@ -95,15 +151,19 @@ def match_files(
                 refusal = cast_refusal(dtype, live.dtype) if allow_dtype_cast else "allow_dtype_cast=False"
             same_shape = tuple(live.shape) == tuple(shape)
             if not same_shape or refusal is not None:
-                found, expected = describe_tensor(dtype, shape), describe_tensor(live.dtype, live.shape)
+                found_desc, expected = describe_tensor(dtype, shape), describe_tensor(live.dtype, live.shape)
                 reason = (refusal or "") if same_shape else ""  # a shape difference says it all
-                report.mismatched.append(Mismatch(live_key, expected, found, file=where, reason=reason))
+                report.mismatched.append(Mismatch(live_key, expected, found_desc, file=where, reason=reason))
                 continue
             if live.dtype != dtype:
                 report.cast.append(Cast(live_key, to_name(dtype), to_name(live.dtype), file=where))
             todo.append((file_key, live_key))
             loaded.add(live_key)
         per_file.append((name, todo))
+    mapping, unexpected, dropped = match_keys(list(saved_extra), extra, prefix, to_model)
+    report.unexpected_keys.extend(unexpected)
+    report.dropped_keys.extend(dropped)
+    found.update({live_key: saved_extra[file_key] for file_key, live_key in mapping.items()})
     # a tied tensor is loaded (or mismatched) under any of its names
     loaded_ties = {aliases.get(k, k) for k in loaded}
     mismatched_ties = {aliases.get(m.key, m.key) for m in report.mismatched}
@@ -111,7 +171,8 @@ def match_files(
         tie = aliases.get(key, key)
         if tie not in loaded_ties and tie not in mismatched_ties:
             report.missing_keys.append(key)
-    return per_file, report
+    report.missing_keys.extend(key for key in extra if key not in found)
+    return Matched(per_file, report, found)
 
 
 def _on_meta(t: torch.Tensor) -> bool:
@@ -161,15 +222,38 @@ class _LoadPlan:
     located: Located
     per_file: CopyPlan
     report: LoadReport
+    extra: dict[str, Any]
 
 
-def _plan_load(checkpoint, dest: dict, aliases: dict[str, str], verify: bool, key_map, allow_dtype_cast) -> _LoadPlan:
+def _plan_load(
+    checkpoint, dest: dict, aliases: dict[str, str], verify: bool, key_map, allow_dtype_cast, extra: Collection[str]
+) -> _LoadPlan:
     located = checkpoint if isinstance(checkpoint, Located) else detect(checkpoint, "model")
-    per_file, report = match_files(located, dest, aliases, key_map=key_map, allow_dtype_cast=allow_dtype_cast)
+    per_file, report, found = match_files(
+        located, dest, aliases, key_map=key_map, allow_dtype_cast=allow_dtype_cast, extra=extra
+    )
     _check_materializable(dest, per_file, located.entry_path)
     # Each rank checks the sizes (and checksums) of the files it will read.
-    check_against_manifest(located.folder, [name for name, todo in per_file if todo], checksums=verify)
-    return _LoadPlan(located, per_file, report)
+    reads = {name for name, todo in per_file if todo} | {v.file for v in found.values() if isinstance(v, TensorAt)}
+    check_against_manifest(located.folder, sorted(reads), checksums=verify)
+    return _LoadPlan(located, per_file, report, found)
+
+
+def _hand_back(folder: Path, found: dict[str, Any], modules: dict[str, nn.Module]) -> None:
+    """``set_extra_state`` on every module whose extra state was saved (tensors read whole now)."""
+    for key, module in modules.items():
+        if key not in found:
+            continue
+        value = found[key]
+        if isinstance(value, TensorAt):
+            with TensorFile(folder / value.file) as reader:
+                value = reader.read(value.key).clone()  # never a view of a mapped file the module keeps
+        try:
+            module.set_extra_state(value)
+        except Exception as exc:  # noqa: BLE001 (any refusal of the module's own code)
+            raise StateMismatchError(
+                f"{key}: {type(module).__name__}.set_extra_state refused the saved extra state: {exc!r}", path=folder
+            ) from exc
 
 
 def _copy_into(reader: TensorFile, file_key: str, live: torch.Tensor) -> None:
@@ -208,9 +292,11 @@ def load_state(
     num_threads: int = 1,
     key_map: KeyMap | None = None,
     allow_dtype_cast: bool = True,
+    extra: dict[str, nn.Module] | None = None,
 ) -> LoadReport:
     """Load a model checkpoint (any supported layout, saved at any world size) into the live
-    tensors ``dest`` in place; each rank reads only the boxes it holds.
+    tensors ``dest`` in place; each rank reads only the boxes it holds. ``extra``: the modules
+    whose extra state is handed back (``set_extra_state``) once the tensors are in, on every rank.
 
     Every rank reaches the same verdict on keys, shapes and dtypes (see :func:`match_files` for
     ``key_map`` and ``allow_dtype_cast``); with ``strict=True`` a misfit raises
@@ -221,9 +307,12 @@ def load_state(
     does; one the load does not write stays on ``meta`` (and is reported missing).
     """
     aliases = aliases or {}
+    extra = extra or {}
     where = checkpoint.entry_path if isinstance(checkpoint, Located) else os.fspath(checkpoint)
     plan: _LoadPlan = collective_step(
-        group, f"checking {where}", lambda: _plan_load(checkpoint, dest, aliases, verify, key_map, allow_dtype_cast)
+        group,
+        f"checking {where}",
+        lambda: _plan_load(checkpoint, dest, aliases, verify, key_map, allow_dtype_cast, extra),
     )
     located = plan.located
     if strict and not plan.report.ok:
@@ -243,6 +332,7 @@ def load_state(
         else:
             for name, todo in work:
                 _copy_file(located.folder, name, todo, targets)
+        _hand_back(located.folder, plan.extra, extra)
     except Exception as exc:  # noqa: BLE001 (reported to every rank below)
         error = exc
     report_errors(group, f"loading {where}", error)

@@ -9,16 +9,18 @@ when its contiguous runs are long (``Shard(0)`` rows), and whole rows of its ran
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ckptio.engine.tensors import Region
 from ckptio.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from ckptio.formats import safetensors_format, torch_format
+from ckptio.formats import extra_state, safetensors_format, torch_format
 from ckptio.formats.safetensors_format import TensorInfo, tensor_bytes
 
 _RUN_BYTES = 4096  # strided runs shorter than this are read as whole rows instead (fewer syscalls)
@@ -94,6 +96,7 @@ class TensorFile:
         st = safetensors_format.is_safetensors_file(self.path)
         self._st = safetensors_format.SafetensorsReader.open(self.path) if st else None
         self._torch: dict[str, torch.Tensor] | None = None
+        self._torch_extra: dict[str, Any] = {}
 
     def __enter__(self) -> TensorFile:
         return self
@@ -107,8 +110,17 @@ class TensorFile:
 
     def _torch_state(self) -> dict[str, torch.Tensor]:
         if self._torch is None:
-            self._torch = torch_format.load_tensor_dict(self.path, mmap=True)
+            self._torch, self._torch_extra = torch_format.load_weights(self.path, mmap=True)
         return self._torch
+
+    def extra_state(self) -> dict[str, Any]:
+        """Modules' extra state held here that is not a tensor (:mod:`ckptio.formats.extra_state`):
+        a safetensors file's metadata entry, or the values of a torch file."""
+        if self._st is not None:
+            text = self._st.metadata.get(extra_state.METADATA_KEY)
+            return {} if text is None else extra_state.from_text(text, path=self.path)
+        self._torch_state()
+        return copy.deepcopy(self._torch_extra)  # tensors in it: copies, not views of the mapped file
 
     def shapes(self) -> Shapes:
         if self._st is not None:

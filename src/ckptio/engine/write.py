@@ -38,6 +38,7 @@ from ckptio.engine.spread import ExchangedSpread, Spread, SpreadOf, WholeSpread
 from ckptio.engine.spread import describe as describe_spread
 from ckptio.engine.tensors import Deferred, is_dtensor, local_region, refuse_meta, without_partial
 from ckptio.errors import CheckpointError
+from ckptio.formats import extra_state as extra_state_format
 from ckptio.formats import safetensors_format, torch_format
 from ckptio.storage.base import FileRecord, FileWriter
 
@@ -62,6 +63,9 @@ class WriteSpec:
     shard: bool = True
     use_safetensors: bool = True
     empty_file: bool = True
+    #: modules' extra state that is not a tensor, as :func:`ckptio.formats.extra_state.to_text`:
+    #: written into a one-file save (a sharded one keeps it in its index)
+    extra_state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,7 @@ def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group:
     file to a writer thread. A local failure stops this rank's writing but not its part in the
     collectives; the error is reported after the loop."""
     rank = group.rank
+    extra = spec.extra_state if not plan.sharded else None
     records: list[FileRecord] = []
     error: BaseException | None = None
     threads = min(WRITE_THREADS, len(plan.files_of(rank)))
@@ -265,11 +270,13 @@ def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group:
             name, tensors = mine
             if pool is None:
                 try:
-                    records.append(write_weights_file(writer, name, tensors, use_safetensors=spec.use_safetensors))
+                    records.append(write_weights_file(writer, name, tensors, spec.use_safetensors, extra_state=extra))
                 except Exception as exc:  # noqa: BLE001 (reported to every rank after the loop)
                     error = exc
             else:
-                pending.append(pool.submit(write_weights_file, writer, name, tensors, spec.use_safetensors))
+                pending.append(
+                    pool.submit(write_weights_file, writer, name, tensors, spec.use_safetensors, extra_state=extra)
+                )
             del mine, tensors
         settle(0)
     finally:
@@ -283,11 +290,11 @@ def _materialized(tensor) -> torch.Tensor:
     return full if full.device.type == "cpu" and full.is_contiguous() else full.detach().cpu().contiguous()
 
 
-def _safetensors_chunks(items: list[tuple[str, object]]) -> Iterator[memoryview | bytes]:
+def _safetensors_chunks(items: list[tuple[str, object]], metadata: dict[str, str]) -> Iterator[memoryview | bytes]:
     """Header first (from dtypes and shapes alone), then each tensor's bytes; a deferred
     tensor is read just before its bytes are written and released right after."""
     entries = [(k, t.dtype, tuple(t.shape)) for k, t in items]
-    yield safetensors_format.build_header(entries, SAFETENSORS_METADATA)
+    yield safetensors_format.build_header(entries, metadata)
     for _, tensor in items:
         view = safetensors_format.tensor_bytes(_materialized(tensor))
         if len(view):
@@ -304,11 +311,24 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def write_weights_file(writer: FileWriter, name: str, items: list[tuple[str, object]], use_safetensors: bool):
-    """One weights file from ``(key, tensor)`` pairs (CPU or not, possibly :class:`Deferred`)."""
+def write_weights_file(
+    writer: FileWriter,
+    name: str,
+    items: list[tuple[str, object]],
+    use_safetensors: bool,
+    *,
+    extra_state: str | None = None,
+):
+    """One weights file from ``(key, tensor)`` pairs (CPU or not, possibly :class:`Deferred`),
+    with modules' non-tensor ``extra_state`` where the format keeps it."""
     if use_safetensors:
-        return writer.write(name, _safetensors_chunks(items))
-    tensors = {k: _compact(t) for k, t in items}  # torch.save needs every tensor at once
+        metadata = dict(SAFETENSORS_METADATA)
+        if extra_state is not None:
+            metadata[extra_state_format.METADATA_KEY] = extra_state
+        return writer.write(name, _safetensors_chunks(items, metadata))
+    tensors: dict[str, object] = {k: _compact(t) for k, t in items}  # torch.save needs every tensor at once
+    if extra_state is not None:
+        tensors.update(extra_state_format.from_text(extra_state, path=name))
     with writer.open_stream(name) as stream:
         torch_format.save(tensors, stream)
     return stream.record

@@ -22,6 +22,10 @@ TRAINING_OPTIMIZER_DIR = "optimizer"
 TRAINING_LR_SCHEDULER = "lr_scheduler"
 RUNNING_STATES = "running_states.json"
 RNG_DIR = "rng_state"
+# objects with state_dict()/load_state_dict() saved with a training checkpoint: stateful/<name>.json + .safetensors
+STATEFUL_DIR = "stateful"
+# torch's state_dict() key of a module's get_extra_state() (nn.modules.module._EXTRA_STATE_KEY_SUFFIX)
+EXTRA_STATE_SUFFIX = "_extra_state"
 # ckptio's optimizer layout: safetensors shards of state tensors keyed `<param>/<state>` + a JSON index
 OPTIMIZER_WEIGHTS = "optimizer.safetensors"
 OPTIMIZER_INDEX = "optimizer.index.json"
@@ -29,6 +33,9 @@ OPTIMIZER_INDEX = "optimizer.index.json"
 COLOSSAL_OPTIM_STATES = "pytorch_optim.bin"
 COLOSSAL_OPTIM_INDEX = "pytorch_optim.bin.index.json"
 COLOSSAL_OPTIM_GROUPS = "pytorch_optim_group.bin"
+# ... and what ColossalAI 0.5 writes with use_async=True: safetensors shards `optimizer-00001.safetensors`
+# (flat keys, see formats/colossal_optim.py) under this index, with the same group file
+COLOSSAL_OPTIM_SAFE_INDEX = "optimizer.safetensors.index.json"
 
 # Temporaries are hidden siblings: `.NAME.ckptio-tmp-TOKEN` (being written),
 # `.NAME.ckptio-old-TOKEN` (a replaced checkpoint, deleted right after the commit; put back by
@@ -106,7 +113,9 @@ def safetensors_twin(index: str) -> str:
 
 
 _OPTIMIZER_INDEX_RE = re.compile(r"^optimizer\.index(?:\.[A-Za-z0-9_\-]+)?\.json$")
-_COLOSSAL_OPTIM_INDEX_RE = re.compile(r"^pytorch_optim\.bin\.index(?:\.[A-Za-z0-9_\-]+)?\.json$")
+_COLOSSAL_OPTIM_INDEX_RE = re.compile(
+    r"^(?:pytorch_optim\.bin|optimizer\.safetensors)\.index(?:\.[A-Za-z0-9_\-]+)?\.json$"
+)
 
 
 def is_optimizer_index(name: str) -> bool:
@@ -115,7 +124,8 @@ def is_optimizer_index(name: str) -> bool:
 
 
 def is_colossal_optimizer_index(name: str) -> bool:
-    """ColossalAI's optimizer index (``pytorch_optim.bin.index[.PREFIX].json``)."""
+    """ColossalAI's optimizer index (``pytorch_optim.bin.index[.PREFIX].json``, or
+    ``optimizer.safetensors.index[.PREFIX].json`` for its safetensors shards)."""
     return bool(_COLOSSAL_OPTIM_INDEX_RE.match(name))
 
 
@@ -139,6 +149,12 @@ def colossal_optimizer_names(prefix: str | None = None) -> tuple[str, str, str]:
 def colossal_shard_name(states_name: str, index: int) -> str:
     """ColossalAI numbers optimizer shards without ``-of-N``: ``pytorch_optim-00001.bin``."""
     return states_name.replace(".bin", f"-{index + 1:05d}.bin")
+
+
+def stateful_file_names(name: str) -> tuple[str, str]:
+    """``(JSON, tensors)`` files of a stateful object ``name`` (letters, digits, ``_``, ``-``) in a
+    training checkpoint: ``stateful/ema.json``, ``stateful/ema.safetensors``."""
+    return f"{STATEFUL_DIR}/{name}.json", f"{STATEFUL_DIR}/{name}.safetensors"
 
 
 def rng_file_name(rank: int) -> str:
@@ -178,9 +194,10 @@ def optimizer_files_pattern(prefix: str | None) -> re.Pattern[str]:
     p = re.escape(f".{prefix}") if prefix else ""
     states, index, groups = (re.escape(n) for n in colossal_optimizer_names(prefix))
     colossal_stem = states[: -len(re.escape(".bin"))]
+    safe_index = re.escape(add_prefix(COLOSSAL_OPTIM_SAFE_INDEX, prefix))
     return re.compile(
-        rf"^(?:optimizer{p}(?:-\d{{5}}-of-\d{{5}})?\.safetensors|optimizer\.index{p}\.json"
-        rf"|{index}|{groups}|{colossal_stem}-\d{{5}}\.bin)$"
+        rf"^(?:optimizer{p}(?:-\d{{5}}(?:-of-\d{{5}})?)?\.safetensors|optimizer\.index{p}\.json"
+        rf"|{index}|{safe_index}|{groups}|{colossal_stem}-\d{{5}}\.bin)$"
     )
 
 

@@ -15,6 +15,7 @@ from ckptio.errors import (
     CheckpointNotFoundError,
     UnsafeCheckpointError,
 )
+from ckptio.formats.naming import EXTRA_STATE_SUFFIX
 
 
 def save(obj: Any, fh: BinaryIO) -> None:
@@ -54,3 +55,18 @@ def load_tensor_dict(path: str | os.PathLike, *, mmap: bool = False) -> dict[str
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointFormatError("expected a dict of tensors keyed by name", path=path)
     return obj
+
+
+def load_weights(path: str | os.PathLike, *, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A model state dict file: ``({name: tensor}, {name: value})``, the second holding the values
+    of ``<module>._extra_state`` keys that are not tensors (``torch.save(model.state_dict())``
+    keeps them there); any other value that is not a tensor is refused."""
+    obj = load(path, mmap=mmap)
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise CheckpointFormatError("expected a dict of tensors keyed by name", path=path)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    extra = {k: v for k, v in obj.items() if k not in tensors}
+    odd = [k for k in extra if not k.endswith(EXTRA_STATE_SUFFIX)]
+    if odd:
+        raise CheckpointFormatError(f"expected a dict of tensors keyed by name; {odd[:3]} are not tensors", path=path)
+    return tensors, extra

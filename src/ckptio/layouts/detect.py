@@ -6,8 +6,10 @@
 * ``model``: one weights file, a folder with a model index and its shards, or a folder
   holding ``model.safetensors`` / ``pytorch_model.bin``;
 * ``optimizer``: ckptio's index (``optimizer.index.json``), ColossalAI's
-  (``pytorch_optim.bin.index.json``), or one ``torch.save`` file;
-* ``lr_scheduler``: a scheduler file (ckptio's JSON, or a ``torch.save`` file);
+  (``pytorch_optim.bin.index.json``, or ``optimizer.safetensors.index.json`` over safetensors
+  shards), one ``torch.save`` file, or one safetensors file in ColossalAI's flat layout
+  (``param_groups`` and ``state.<id>.<name>`` keys; layout ``"safetensors"``);
+* ``lr_scheduler``: a scheduler file (a ``torch.save`` file, or the JSON of earlier ckptio versions);
 * ``training``: an ``epoch-E_step-S`` folder (``running_states.json`` inside);
 * ``runs``: a folder of training checkpoints, as ``CheckpointManager`` keeps them.
 
@@ -24,8 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError
-from ckptio.formats import naming
+from ckptio.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError
+from ckptio.formats import naming, safetensors_format
 from ckptio.formats.hf_index import ShardIndex, read_index
 from ckptio.storage import atomic
 
@@ -107,7 +109,9 @@ def _any(path: Path) -> Located:
     name = path.name
     if naming.is_optimizer_index(name) or naming.is_colossal_optimizer_index(name):
         return _optimizer(path)
-    if naming.is_index_file(name) or name.lower().endswith(".safetensors"):
+    if name.lower().endswith(".safetensors"):
+        return _optimizer(path) if _is_flat_optimizer(path) else _model(path)
+    if naming.is_index_file(name):
         return _model(path)
     sniffed = _sniff_file(path)
     if sniffed == "optimizer":
@@ -174,6 +178,8 @@ def _optimizer(path: Path) -> Located:
             return _sharded(path, "optimizer", "ckptio")
         if naming.is_colossal_optimizer_index(path.name):
             return _colossal(path)
+        if safetensors_format.is_safetensors_file(path):
+            return _file(path, "optimizer", "safetensors")
         return _file(path, "optimizer", "torch")
     entries = _entries(path)
     found = _optimizer_indexes(entries)
@@ -184,8 +190,8 @@ def _optimizer(path: Path) -> Located:
         return _sharded(path / name, "optimizer", "ckptio") if layout == "ckptio" else _colossal(path / name)
     if not found:
         raise CheckpointNotFoundError(
-            f"no optimizer checkpoint in this folder: expected {naming.OPTIMIZER_INDEX} or "
-            f"{naming.COLOSSAL_OPTIM_INDEX}",
+            f"no optimizer checkpoint in this folder: expected {naming.OPTIMIZER_INDEX}, "
+            f"{naming.COLOSSAL_OPTIM_INDEX} or {naming.COLOSSAL_OPTIM_SAFE_INDEX}",
             path=path,
         )
     raise CheckpointFormatError(
@@ -238,6 +244,16 @@ def _scheduler_layout(path: Path) -> str:
     return "json" if head.startswith(b"{") else "torch"
 
 
+def _is_flat_optimizer(path: Path) -> bool:
+    """A safetensors file in ColossalAI's flat optimizer layout (header only): it has ``param_groups``."""
+    try:
+        with safetensors_format.SafetensorsReader.open(path) as reader:
+            keys = reader.tensors
+            return "param_groups" in keys and all(k == "param_groups" or k.startswith("state.") for k in keys)
+    except (CheckpointError, OSError):
+        return False  # the model reader then reports what is wrong with the file
+
+
 def _sniff_file(path: Path) -> str:
     """For the CLI only: which kind a lone ``torch.save`` / JSON file is, from its top-level keys."""
     try:
@@ -260,6 +276,7 @@ def _sniff_file(path: Path) -> str:
         return "model"
     if isinstance(obj, dict) and "state" in obj and "param_groups" in obj:
         return "optimizer"
-    if isinstance(obj, dict) and obj and not any(hasattr(v, "shape") for v in obj.values()) and "last_epoch" in obj:
+    no_tensors = isinstance(obj, dict) and obj and not any(hasattr(v, "shape") for v in obj.values())
+    if no_tensors and {"last_epoch", "_last_lr"} & set(obj):  # every torch scheduler has one of them
         return "lr_scheduler"
     return "model"

@@ -1,53 +1,56 @@
 """LR scheduler state to a file and back.
 
-The file is JSON (``{"format": "ckptio-lr-scheduler", "format_version": 1, "state": ...}``,
-values in :mod:`ckptio.formats.tagged_json`'s tagged form) when every value of the
-``state_dict()`` allows it, which covers torch's schedulers (LambdaLR's ``lr_lambdas`` are
-``None`` or plain dicts; SequentialLR / ChainedScheduler nest their schedulers' dicts). It is
-a ``torch.save`` file otherwise, or when the path ends in ``.pt``, ``.pth`` or ``.bin``.
-Loading looks at the bytes, so both load whatever the name, and so does the ``torch.save``
-file ColossalAI writes (read with ``weights_only=True``).
+The file is ``torch.save(lr_scheduler.state_dict())``, what ColossalAI writes and reads
+(``torch.load``, whose default is ``weights_only=True`` since torch 2.6), so a scheduler file
+of ckptio loads in ColossalAI and the other way round. torch's schedulers keep plain values
+(LambdaLR's ``lr_lambdas`` are ``None`` or plain dicts; SequentialLR / ChainedScheduler nest
+their schedulers' dicts); a save checks that ``torch.load(weights_only=True)`` reads the bytes
+back, and refuses a state holding anything else, before anything is written.
+
+Earlier versions of ckptio wrote JSON (``{"format": "ckptio-lr-scheduler", "format_version":
+1, "state": ...}``, values in :mod:`ckptio.formats.tagged_json`'s tagged form); loading looks at
+the bytes, so those files still load, whatever their name.
 """
 
 from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError, StateMismatchError
 from ckptio.formats import tagged_json, torch_format
 from ckptio.formats.hf_index import read_json_file
 
-FORMAT = "ckptio-lr-scheduler"
+FORMAT = "ckptio-lr-scheduler"  # the JSON files of earlier versions (read only)
 FORMAT_VERSION = 1
-TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-def scheduler_file_bytes(state: dict[str, Any], *, prefer_torch: bool = False) -> bytes:
-    """The file for a scheduler's ``state_dict()``: our JSON when every value has an exact JSON
-    form (and ``prefer_torch`` is False), else a ``torch.save`` file."""
-    if not prefer_torch:
-        try:
-            body = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": tagged_json.encode(state)}
-            return (json.dumps(body, indent=1) + "\n").encode("utf-8")
-        except tagged_json.NotJSONable:
-            pass
-    buffer = io.BytesIO()
-    torch_format.save(state, buffer)
-    return buffer.getvalue()
-
-
-def prefers_torch(name: str | os.PathLike) -> bool:
-    """A path ending in ``.pt``/``.pth``/``.bin`` asks for a torch file."""
-    return os.fspath(name).lower().endswith(TORCH_SUFFIXES)
+def scheduler_file_bytes(state: dict[str, Any], *, path: str | os.PathLike | None = None) -> bytes:
+    """The ``torch.save`` bytes of a scheduler's ``state_dict()``, checked to load back with
+    ``weights_only=True`` (ColossalAI's and our reader); ``path`` names the file in errors."""
+    try:
+        buffer = io.BytesIO()
+        torch_format.save(state, buffer)
+        data = buffer.getvalue()
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (unpicklable, or refused on the way back: not plain values)
+        detail = str(exc).strip().splitlines()
+        raise CheckpointFormatError(
+            "the LR scheduler's state_dict() holds values that torch.load(weights_only=True) refuses (ColossalAI "
+            "and ckptio read the file that way), so nothing was saved; keep plain values (numbers, strings, lists, "
+            f"dicts, tensors) in it. Detail: {detail[0] if detail else exc!r}",
+            path=path,
+        ) from exc
+    return data
 
 
 def read_lr_scheduler_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """The saved ``state_dict()``, from our JSON or any ``torch.save`` file."""
+    """The saved ``state_dict()``, from any ``torch.save`` file or the JSON of earlier versions."""
     path = os.fspath(checkpoint)
     try:
         with open(path, "rb") as fh:

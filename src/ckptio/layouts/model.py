@@ -5,7 +5,9 @@ Hugging Face layout: size-bounded shards ``model-0000k-of-0000n.safetensors`` (o
 ``pytorch_model-...bin``; a ColossalAI ``prefix`` goes before the extension), the index
 ``model.safetensors.index.json`` and, for a ``transformers`` model, ``config.json`` and
 ``generation_config.json``. The shards and the index depend only on the tensors and the
-options (:mod:`ckptio.engine.plan`), never on how many ranks wrote them.
+options (:mod:`ckptio.engine.plan`), never on how many ranks wrote them. Modules' extra state
+that is not a tensor goes in the index's metadata, or in the one file
+(:mod:`ckptio.formats.extra_state`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ckptio.engine.plan import FilePlan
 from ckptio.engine.write import WriteSpec
+from ckptio.formats import extra_state as extra_state_format
 from ckptio.formats import naming
 from ckptio.formats.hf_index import index_json
 
@@ -38,12 +42,16 @@ class ModelSaveOptions:
     def index_name(self) -> str:
         return naming.index_name(self.use_safetensors, self.prefix)
 
-    def write_spec(self, checkpoint: str | os.PathLike | None = None) -> WriteSpec:
-        """How the engine writes the weights; a one-file save takes its format from the path's suffix."""
+    def write_spec(
+        self, checkpoint: str | os.PathLike | None = None, extra_state: dict[str, Any] | None = None
+    ) -> WriteSpec:
+        """How the engine writes the weights; a one-file save takes its format from the path's suffix
+        and holds ``extra_state`` (encoded by :func:`ckptio.formats.extra_state.encode`) itself."""
         use_safetensors = self.use_safetensors
         if not self.shard and checkpoint is not None:
             use_safetensors = single_file_is_safetensors(checkpoint, self)
-        return WriteSpec(self.weights_name, self.max_shard_bytes, self.shard, use_safetensors)
+        text = extra_state_format.to_text(extra_state) if extra_state and not self.shard else None
+        return WriteSpec(self.weights_name, self.max_shard_bytes, self.shard, use_safetensors, extra_state=text)
 
 
 def single_file_is_safetensors(checkpoint: str | os.PathLike, opts: ModelSaveOptions) -> bool:
@@ -55,14 +63,18 @@ def single_file_is_safetensors(checkpoint: str | os.PathLike, opts: ModelSaveOpt
     return opts.use_safetensors
 
 
-def model_metadata(opts: ModelSaveOptions, extra_files: dict[str, bytes] | None) -> Callable[[FilePlan], dict]:
-    """What the master writes after the shards: the index (sharded saves) and ``extra_files``
-    (``config.json`` ...), as ``{name: bytes}`` for a plan."""
+def model_metadata(
+    opts: ModelSaveOptions, extra_files: dict[str, bytes] | None, extra_state: dict[str, Any] | None = None
+) -> Callable[[FilePlan], dict]:
+    """What the master writes after the shards: the index (sharded saves; with the encoded
+    ``extra_state``) and ``extra_files`` (``config.json`` ...), as ``{name: bytes}`` for a plan."""
 
     def files(plan: FilePlan) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
         if plan.weight_map is not None:  # like ColossalAI, a sharded save always has an index
-            metadata = {"format": "ckptio", "format_version": 1}
+            metadata: dict[str, Any] = {"format": "ckptio", "format_version": 1}
+            if extra_state:
+                metadata[extra_state_format.INDEX_KEY] = extra_state
             out[opts.index_name] = index_json(plan.weight_map, plan.total_size, metadata)
         out.update(extra_files or {})
         return out

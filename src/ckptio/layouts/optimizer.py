@@ -1,7 +1,9 @@
 """The optimizer checkpoint layouts: what a save writes, and reading a saved optimizer back.
 
 * ``shard=False``: one ``torch.save`` file in the plain ``optimizer.state_dict()`` layout
-  (positional ids), as ColossalAI and plain PyTorch write it.
+  (positional ids), as ColossalAI and plain PyTorch write it; a path ending in
+  ``.safetensors`` gets a safetensors file in ColossalAI's flat layout instead (what ColossalAI
+  writes with ``use_async=True``, :mod:`ckptio.formats.colossal_optim`), so each loads the other's.
 * ``shard=True``, layout ``"ckptio"`` (the default): state tensors by parameter name in
   size-bounded safetensors shards (``optimizer-00001-of-00002.safetensors``, key
   ``<param_name>/<state_name>``) and ``optimizer.index.json``: the usual ``metadata`` +
@@ -17,6 +19,7 @@ both the file and the live optimizer have them, positions otherwise.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +41,14 @@ class OptimizerSaveOptions:
     prefix: str | None = None
     max_shard_bytes: int = 1024 * 1024 * 1024
     layout: str = "ckptio"
+    #: format of a one-file save (``shard=False``): "torch", or "safetensors" (ColossalAI's flat layout)
+    single_file: str = "torch"
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"optimizer layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.single_file not in ("torch", "safetensors"):
+            raise ValueError(f"single_file must be 'torch' or 'safetensors', got {self.single_file!r}")
 
     def write_spec(self) -> WriteSpec:
         """The state tensors of ckptio's layout: safetensors shards, none when there is no state yet."""
@@ -74,10 +81,18 @@ def index_metadata(description: dict[str, Any], prefix: str | None):
     return lambda plan: {naming.optimizer_index_name(prefix): index_bytes(plan, description)}
 
 
+def single_file_format(checkpoint: str | os.PathLike) -> str:
+    """The format of a one-file optimizer save at ``checkpoint``: what its name says."""
+    return "safetensors" if os.fspath(checkpoint).lower().endswith(".safetensors") else "torch"
+
+
 def write_full(writer, file_name: str | None, full: dict[str, Any], opts: OptimizerSaveOptions, subdir: str = ""):
-    """A full ``state_dict()`` (CPU tensors): one torch file, or ColossalAI's sharded layout."""
+    """A full ``state_dict()`` (CPU tensors): one torch or flat safetensors file, or ColossalAI's sharded layout."""
     if not opts.shard:
-        name = file_name if file_name is not None else (f"{subdir}/" if subdir else "") + "optimizer.bin"
+        default = "optimizer.safetensors" if opts.single_file == "safetensors" else "optimizer.bin"
+        name = file_name if file_name is not None else (f"{subdir}/" if subdir else "") + default
+        if opts.single_file == "safetensors":
+            return [colossal_optim.write_flat(writer, name, full)]
         with writer.open_stream(name) as stream:
             torch_format.save(full, stream)
         return [stream.record]
@@ -92,6 +107,8 @@ def read_saved(located: Located, *, verify: bool = False) -> tuple[ostate.SavedO
     path = located.entry_path
     if located.layout == "torch":
         return ostate.saved_from_state_dict(torch_format.load(path), path=str(path)), None
+    if located.layout == "safetensors":
+        return ostate.saved_from_state_dict(colossal_optim.read_flat_file(path), path=str(path)), None
     if located.layout == "colossalai":
         state_dict, _ = colossal_optim.read(path)
         return ostate.saved_from_state_dict(state_dict, path=str(path)), None

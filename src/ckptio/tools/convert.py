@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from ckptio.engine.group import Group
+from ckptio.engine.load import saved_extra_state
 from ckptio.engine.save import TensorPart, save_parts
 from ckptio.engine.tensors import Deferred
 from ckptio.errors import CheckpointError, CheckpointFormatError
+from ckptio.formats import extra_state as extra_state_format
 from ckptio.formats import naming
 from ckptio.layouts.detect import detect
 from ckptio.layouts.model import MiB, ModelSaveOptions, model_metadata, model_owned_files
@@ -112,13 +114,15 @@ def _extra_files(view: ModelView, src: str) -> dict[str, bytes]:
 def _write(view: ModelView, source: _Source, dst: str, size_per_shard: float, fmt: str) -> None:
     state = {key: source.deferred(key) for key in view.keys_in_file_order()}
     group = Group.of_one()
+    saved = saved_extra_state(view.located)  # modules' extra state that is not a tensor: carried along
+    extra_state = extra_state_format.encode(saved, path=view.path) if saved else None
     if is_single_file(dst):
         opts = ModelSaveOptions(shard=False, use_safetensors=dst.lower().endswith(".safetensors"))
-        part = TensorPart(state, opts.write_spec(dst), group)
+        part = TensorPart(state, opts.write_spec(dst, extra_state), group)
         save_parts(dst, [part], group, folder=False)
         return
     opts = ModelSaveOptions(shard=True, max_shard_bytes=max(1, int(size_per_shard * MiB)),
                             use_safetensors=fmt == "safetensors")  # fmt: skip
     extra = _extra_files(view, view.path)
-    part = TensorPart(state, opts.write_spec(), group, metadata=model_metadata(opts, extra))
+    part = TensorPart(state, opts.write_spec(), group, metadata=model_metadata(opts, extra, extra_state))
     save_parts(dst, [part], group, folder=True, owns=model_owned_files(None, extra))

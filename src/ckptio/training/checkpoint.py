@@ -5,9 +5,10 @@
     <save_dir>/epoch-<E>_step-<S>/
         modeling/               the model (sharded safetensors + index, config.json for HF models)
         optimizer/              the optimizer (sharded; layout of ``booster.checkpoint_io.optimizer_layout``)
-        lr_scheduler            the scheduler state (JSON, or a torch file when JSON cannot hold it)
+        lr_scheduler            torch.save(lr_scheduler.state_dict()), the file ColossalAI reads
         running_states.json     {"epoch", "step", "sample_start_index": step * batch_size, ...}
         rng_state/rank_00000.json   one per rank: Python, NumPy, torch CPU and CUDA RNG states
+        stateful/<name>.json, stateful/<name>.safetensors   objects passed as stateful= (GradScaler, EMA, ...)
         ckptio_manifest.json    sizes and checksums of everything above
 
 Everything is one save of parts (:mod:`ckptio.engine.save`) committed at once, so a crash
@@ -22,7 +23,7 @@ import copy
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
 from ckptio.training import rng
 from ckptio.training.resume import warn_if_world_size_changed
+from ckptio.training.stateful import check_stateful, prepare_stateful_load, stateful_parts
 
 FORMAT = "ckptio-training"
 FORMAT_VERSION = 1
@@ -94,19 +96,25 @@ def save_checkpoint(
     use_safetensors: bool = True,
     use_async: bool = False,
     extra_states: dict[str, Any] | None = None,
+    stateful: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save model, optimizer, scheduler, position and RNG to ``save_dir/epoch-E_step-S``.
 
     ColossalChat's positional signature; ``step`` counts steps within ``epoch`` and
     ``batch_size`` is per rank, so ``sample_start_index = step * batch_size``. Every rank
     calls it. ``sampler`` (a :class:`StatefulDistributedSampler`) and ``extra_states``
-    (JSON values) are stored in ``running_states.json``. ``use_async=True`` returns once model
+    (JSON values) are stored in ``running_states.json``. ``stateful``: objects with
+    ``state_dict()`` / ``load_state_dict()`` by name (a ``GradScaler``, an EMA, a data loader),
+    each saved as its state (tensors in safetensors, the rest as JSON, see
+    :mod:`ckptio.training.stateful`) and restored by :func:`load_checkpoint` given the same
+    names. ``use_async=True`` returns once model
     and optimizer are staged (on several ranks, each rank's own parts); the folder is written
     and committed in the background (``booster.wait()`` makes it durable). Returns the path.
     An existing ``epoch-E_step-S`` folder is replaced atomically, whichever run wrote it
     (:class:`ckptio.CheckpointManager` is what refuses to overwrite another run's checkpoints).
     """
     epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
+    stateful = check_stateful(stateful)
     coordinator = coordinator or DistCoordinator()
     group = Group(getattr(coordinator, "group", None))
     io = booster.checkpoint_io
@@ -138,6 +146,7 @@ def save_checkpoint(
         parts.append(io.optimizer_part(optimizer, optim_opts, subdir=OPTIMIZER_DIR))
     if lr_scheduler is not None:
         parts.append(io.lr_scheduler_part(lr_scheduler, LR_SCHEDULER_FILE))
+    parts += stateful_parts(stateful, io.group)
     parts.append(FilesPart({rng.rng_file_name(group.rank): rng.rng_state_bytes(group.rank)}, master_only=False))
     parts.append(FilesPart({RUNNING_STATES: running_bytes}, master_only=True))
     # use_async: booster.wait() makes it durable
@@ -156,32 +165,34 @@ def load_checkpoint(
     strict: bool = True,
     verify: bool = False,
     restore_rng: bool = True,
+    stateful: Mapping[str, Any] | None = None,
 ) -> tuple[int, int, int]:
     """Load a checkpoint folder written by :func:`save_checkpoint` (or by ColossalChat).
 
     Returns ``(epoch, step, sample_start_index)``. Restores model, optimizer and scheduler (any
     of them may be None: the others still load, as in ColossalChat), this rank's RNG states
-    (when the checkpoint has them; ``restore_rng=False`` skips), and ``sampler``'s state when
-    given and saved. ``verify=True`` checks every file's checksum against the manifest first.
-    Every rank calls it.
+    (when the checkpoint has them; ``restore_rng=False`` skips), ``sampler``'s state when given
+    and saved, and each object of ``stateful`` (by the names it was saved with; saved objects
+    not asked for are ignored). ``verify=True`` checks every file's checksum against the
+    manifest first. Every rank calls it.
 
     Nothing changes until every part has passed its checks on every rank: running states, the
     sampler's state, the manifest, this rank's RNG file, the LR scheduler file against the live
-    scheduler, the model's fit and the optimizer's fit (its state is read into memory here, before
-    the model loads). A refused part raises before the live model, optimizer, scheduler, sampler
-    or RNG changes; on several ranks every rank raises the same error: ``StateMismatchError`` when
-    the checkpoint does not fit the job (on any rank), else the kind of damage found.
+    scheduler, each stateful object's files against its live state, the model's fit and the
+    optimizer's fit (its state is read into memory here, before the model loads). A refused part
+    raises before the live model, optimizer, scheduler, sampler, stateful objects or RNG change;
+    on several ranks every rank raises the same error: ``StateMismatchError`` when the checkpoint
+    does not fit the job (on any rank), else the kind of damage found.
     """
     with readable(load_dir) as local:
         return _load_checkpoint(
             Path(local), booster, model, optimizer, lr_scheduler,
-            sampler=sampler, strict=strict, verify=verify, restore_rng=restore_rng,
+            sampler=sampler, strict=strict, verify=verify, restore_rng=restore_rng, stateful=check_stateful(stateful),
         )  # fmt: skip
 
 
-
 def _load_checkpoint(
-    load_dir: Path, booster, model, optimizer, lr_scheduler, *, sampler, strict, verify, restore_rng
+    load_dir: Path, booster, model, optimizer, lr_scheduler, *, sampler, strict, verify, restore_rng, stateful
 ) -> tuple[int, int, int]:
     io = booster.checkpoint_io
     group = io.group if isinstance(getattr(io, "group", None), Group) else Group(getattr(io, "group", None))
@@ -190,12 +201,18 @@ def _load_checkpoint(
     checked = agreed_step(
         group,
         f"checking {load_dir} before loading it",
-        lambda: _check_everything(load_dir, io, model, optimizer, lr_scheduler, sampler, strict, verify, restore_rng),
+        lambda: _check_everything(
+            load_dir, io, model, optimizer, lr_scheduler, sampler, strict, verify, restore_rng, stateful
+        ),
         precedence=(StateMismatchError,),
     )
     if model is not None:
         booster.load_model(model, load_dir / MODEL_DIR, strict=strict)
-    collective_step(group, f"loading the optimizer, LR scheduler, sampler and RNG of {load_dir}", checked.load_rest)
+    collective_step(
+        group,
+        f"loading the optimizer, LR scheduler, sampler, stateful objects and RNG of {load_dir}",
+        checked.load_rest,
+    )
     if checked.rng_missing is not None:
         # we wrote one per rank, so its absence means a damaged folder: say the run will not be bit-exact
         warnings.warn(
@@ -223,11 +240,21 @@ class _Checked:
 
 
 def _check_everything(
-    load_dir: Path, io: Any, model, optimizer, lr_scheduler, sampler, strict: bool, verify: bool, restore_rng: bool
+    load_dir: Path,
+    io: Any,
+    model,
+    optimizer,
+    lr_scheduler,
+    sampler,
+    strict: bool,
+    verify: bool,
+    restore_rng: bool,
+    stateful: dict[str, Any],
 ) -> _Checked:
     """Every check of :func:`load_checkpoint` on this rank, cheapest first; changes nothing.
 
-    Returns the loads of optimizer, scheduler, sampler and RNG (the model is loaded by the booster).
+    Returns the loads of optimizer, scheduler, sampler, stateful objects and RNG (the model is
+    loaded by the booster).
     """
     detect(load_dir, "training")  # a folder left aside by a crash is put back; a non-checkpoint is refused
     running_path = load_dir / RUNNING_STATES
@@ -260,6 +287,7 @@ def _check_everything(
             rng_missing = rng_path
     if lr_scheduler is not None:
         loads.insert(0, io.prepare_lr_scheduler_load(lr_scheduler, str(load_dir / LR_SCHEDULER_FILE)))
+    loads += [prepare_stateful_load(load_dir, name, obj) for name, obj in stateful.items()]
     if model is not None:
         io.check_model_load(model, str(load_dir / MODEL_DIR), strict=strict)
     if optimizer is not None:  # last: it reads the optimizer's state

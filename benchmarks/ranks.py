@@ -51,10 +51,7 @@ def _model(size_gb: float):
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(gpt_config(int(size_gb * 1024**3))).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return GPT2LMHeadModel(gpt_config(int(size_gb * 1024**3))).eval()
 
 
 def _boost(model, layout: str):

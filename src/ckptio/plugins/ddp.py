@@ -16,8 +16,8 @@ from ckptio.plugins.process_group import ensure_process_group, local_device
 class TorchDDPPlugin(Plugin):
     """Wraps the model in ``DistributedDataParallel`` over ``group``.
 
-    Checkpoints hold each replicated tensor once; the files are split between the ranks by
-    bytes and written in parallel, and the master writes the index after a barrier.
+    Checkpoints hold each replicated tensor once (the files one process writes, split between
+    the ranks by bytes); a load reads each tensor on one rank and broadcasts it.
     ``ddp_kwargs`` go to ``DistributedDataParallel`` unchanged (``find_unused_parameters``,
     ``bucket_cap_mb``, ...). The process group is the user's when initialised, else one is
     made from ``torchrun``'s environment (gloo on CPU, NCCL on CUDA).

@@ -184,7 +184,7 @@ def load_checkpoint(
     on several ranks every rank raises the same error: ``StateMismatchError`` when the checkpoint
     does not fit the job (on any rank), else the kind of damage found.
     """
-    with readable(load_dir) as local:
+    with readable(load_dir, ranged=True) as local:
         return _load_checkpoint(
             Path(local), booster, model, optimizer, lr_scheduler,
             sampler=sampler, strict=strict, verify=verify, restore_rng=restore_rng, stateful=check_stateful(stateful),

@@ -48,6 +48,10 @@ HF_TRAINER_RNG = "rng_state.pth"  # one process; `rng_state_<process index>.pth`
 # before the extension), and every process writes `random_states_<process index>.pkl` (a torch.save file)
 ACCELERATE_OPTIMIZER = "optimizer.bin"
 ACCELERATE_SCHEDULER = "scheduler.bin"
+# ckptio.integrations.lightning: a Lightning checkpoint as a folder (the model's weights under the names above)
+LIGHTNING_DOCUMENT = "lightning_checkpoint.json"  # everything but tensors, as tagged JSON
+LIGHTNING_STATE_WEIGHTS = "state.safetensors"  # the other tensors: state-00001-of-0000N.safetensors
+LIGHTNING_STATE_INDEX = "state.safetensors.index.json"
 
 # Temporaries are hidden siblings: `.NAME.ckptio-tmp-TOKEN` (being written),
 # `.NAME.ckptio-old-TOKEN` (a replaced checkpoint, deleted right after the commit; put back by

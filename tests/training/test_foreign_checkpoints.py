@@ -141,6 +141,12 @@ def test_accelerate_save_state_loads_exactly_and_the_run_continues_bit_exact(tmp
     train_step(fresh, fresh_optimizer, fresh_scheduler)
     _assert_equal_state(fresh.state_dict(), model.state_dict())
 
+    # automatic_checkpoint_naming's checkpoints/checkpoint_<i>: a manager takes the highest
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copytree(tmp_path / "state", tmp_path / "checkpoints" / "checkpoint_1")
+    with pytest.warns(UserWarning, match="records no epoch"):
+        assert CheckpointManager(tmp_path / "checkpoints", Booster()).resume(tiny(), None, None) == (0, 0, 0)
+
 
 @pytest.mark.parametrize(
     ("state", "position"),

@@ -200,7 +200,9 @@ def hf_trainer_position(state: Any, *, path: str | os.PathLike, notes: list[str]
     step = global_step
     if epoch > 0:
         per_epoch = max(1, round(global_step / epoch_float))
-        step = min(max(0, global_step - epoch * per_epoch), per_epoch)
+        step = max(0, global_step - epoch * per_epoch)
+        if step >= per_epoch:  # only when the estimate is off (gradient accumulation): the epoch was complete
+            epoch, step = epoch + 1, 0
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         if notes is not None:
             notes.append(

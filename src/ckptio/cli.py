@@ -18,6 +18,7 @@ import click
 from ckptio.errors import CheckpointError
 from ckptio.storage.location import exists, is_url, local_path
 from ckptio.tools import convert_checkpoint, diff_checkpoints, inspect_checkpoint, verify_checkpoint
+from ckptio.tools.convert import key_map_from_expressions
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -233,22 +234,40 @@ def verify(path: str, no_checksums: bool, as_json: bool, quiet: bool) -> None:
     help="File format when DST is a folder (a single-file DST takes its format from its suffix).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (atomically).")
+@click.option(
+    "--key-map",
+    "key_map",
+    multiple=True,
+    metavar="EXPR",
+    help="Rename keys on the way, sed-like, Python regex; repeat to chain: 's/^model\\.//' strips a prefix, "
+    "'s/\\.wq\\./.q_proj./g' renames, '/freqs_cis$/d' leaves keys out.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def convert(src: str, dst: str, size_per_shard: float, fmt: str, overwrite: bool, quiet: bool) -> None:
+def convert(
+    src: str, dst: str, size_per_shard: float, fmt: str, overwrite: bool, key_map: tuple[str, ...], quiet: bool
+) -> None:
     """Rewrite the model checkpoint SRC as DST, in Hugging Face layout.
 
     \b
     DST ending in .safetensors or .bin  -> one file (a sharded SRC is consolidated)
     any other DST                       -> a folder of shards of at most --size-per-shard MiB
                                            with an index JSON (re-sharding, .bin <-> safetensors,
-                                           ColossalAI layout -> Hugging Face layout)
+                                           ColossalAI layout or a torch.distributed.checkpoint /
+                                           torchtitan folder -> Hugging Face layout)
 
-    Tensors are read shard by shard: at most one destination shard is in memory at a time
-    (a single .safetensors DST streams tensor by tensor; a single .bin DST needs them all,
-    since torch.save does). config.json and generation_config.json are copied along.
+    Tensors are read as they are written: into safetensors files in pieces of at most 16 MiB
+    from safetensors or DCP sources (whole tensors from .bin ones), so memory stays small
+    whatever the model size; a .bin DST holds one of its files' tensors at a time (torch.save
+    needs them all). config.json and generation_config.json are copied along.
     """
     _must_exist(src)
-    result = convert_checkpoint(src, dst, size_per_shard=size_per_shard, fmt=fmt, overwrite=overwrite, quiet=quiet)
+    try:
+        mapping = key_map_from_expressions(key_map) if key_map else None
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    result = convert_checkpoint(
+        src, dst, size_per_shard=size_per_shard, fmt=fmt, overwrite=overwrite, quiet=quiet, key_map=mapping
+    )
     if not quiet:
         click.echo(f"wrote {dst} ({result['tensors']} tensors, {_human(result['bytes'])})")
 

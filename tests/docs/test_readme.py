@@ -41,6 +41,7 @@ TRAINING = "Optimizer, LR scheduler and training checkpoints"
 ASYNC = "Async saves and performance"
 REMOTE = "Remote storage: `s3://` and any fsspec URL"
 CLI = "Command line: `ckptio inspect | verify | convert | diff`"
+FROM_DCP = "From DCP / torchtitan"
 SWAP_IMPORTS = "1. Swap the imports"
 FROM_TRAINER = "From `transformers.Trainer`"
 FROM_ACCELERATE = "From `accelerate`"
@@ -56,6 +57,7 @@ CHECKED = {
     (README, ASYNC): "test_async_save",
     (README, REMOTE): "test_remote_storage_on_s3",
     (README, CLI): "test_tools_from_python",
+    (README, FROM_DCP): "test_from_dcp",
     (MIGRATING, SWAP_IMPORTS): "test_migration_guide_imports",
     (README, FROM_TRAINER): "test_from_trainer",
     (README, FROM_ACCELERATE): "test_from_accelerate",
@@ -166,6 +168,26 @@ def test_tools_from_python(tmp_path, monkeypatch):
     other = _perturbed(ns["model"])
     Booster().load_model(other, tmp_path / "model.bin")  # the converted file holds the model's weights
     _assert_same_state(other.state_dict(), state)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_from_dcp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = run_section(README, FROM_DCP)
+    state = ns["model"].state_dict()
+    assert (tmp_path / "dcp_ckpt" / ".metadata").is_file()
+    for folder in ("dcp_ckpt", "hf_model"):  # the DCP folder and its conversion hold the model's weights
+        other = _perturbed(ns["model"])
+        Booster().load_model(other, tmp_path / folder)
+        _assert_same_state(other.state_dict(), state)
+    other = _perturbed(ns["model"])
+    optimizer = torch.optim.AdamW(other.parameters(), lr=0.5)
+    booster = Booster()
+    other, optimizer, *_ = booster.boost(other, optimizer)
+    booster.load_optimizer(optimizer, tmp_path / "dcp_ckpt")
+    saved = ns["optimizer"].state_dict()
+    assert optimizer.state_dict()["param_groups"] == saved["param_groups"]  # lr=1e-3 came back
+    _assert_same_state(optimizer.state_dict()["state"][0], saved["state"][0])
 
 
 def test_migration_guide_imports(tmp_path, monkeypatch):

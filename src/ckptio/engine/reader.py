@@ -5,6 +5,11 @@ rank of a resharding load (only the bytes of the box that rank holds). safetenso
 read with ``preadv`` at the offsets of the validated header, so a box costs only its own bytes
 when its contiguous runs are long (``Shard(0)`` rows), and whole rows of its range otherwise;
 ``torch.save`` files are memory-mapped and loaded with ``weights_only=True``, then sliced.
+
+A folder written by ``torch.distributed.checkpoint.save`` is opened through its ``.metadata``
+(:class:`DcpFile`, what ``TensorFile(".../.metadata")`` returns): its tensors are split into
+chunks across ``.distcp`` files, and a box is read from each chunk it overlaps, the same way
+(``preadv`` of the chunk's raw bytes, located without unpickling them: :mod:`ckptio.formats.dcp`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import copy
 import itertools
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +26,9 @@ import torch
 
 from ckptio.engine.tensors import Region
 from ckptio.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from ckptio.formats import extra_state, safetensors_format, torch_format
+from ckptio.formats import dcp, extra_state, naming, safetensors_format, torch_format
 from ckptio.formats.safetensors_format import TensorInfo, tensor_bytes
+from ckptio.layouts import dcp as dcp_layout
 from ckptio.storage.reading import open_source
 
 _RUN_BYTES = 4096  # strided runs shorter than this are read as whole rows instead (fewer syscalls)
@@ -83,7 +90,13 @@ def read_safetensors_box(path: str, fd, info: TensorInfo, region: Region, out: t
 
 
 class TensorFile:
-    """A weights file (safetensors or ``torch.save``) opened once; the header is validated on open."""
+    """A weights file (safetensors or ``torch.save``) opened once; the header is validated on open.
+    A DCP folder's ``.metadata`` opens as a :class:`DcpFile` (its model's tensors)."""
+
+    def __new__(cls, path: str | os.PathLike, *args: Any, **kwargs: Any) -> TensorFile:
+        if cls is TensorFile and Path(path).name == naming.DCP_METADATA:
+            cls = DcpFile
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -171,6 +184,143 @@ class TensorFile:
         if self._st is not None:
             self._st.close()
         self._torch = None
+
+
+def _overlap(region: Region, chunk: dcp.Chunk) -> Region | None:
+    """The part of ``region`` (a box of the full tensor) that ``chunk`` holds, if any."""
+    offset, shape = [], []
+    for ro, rs, co, cs in zip(region.offset, region.shape, chunk.offsets, chunk.sizes):
+        lo, hi = max(ro, co), min(ro + rs, co + cs)
+        if hi <= lo:
+            return None
+        offset.append(lo)
+        shape.append(hi - lo)
+    return Region(tuple(offset), tuple(shape))
+
+
+class DcpFile(TensorFile):
+    """The tensors of a ``torch.distributed.checkpoint`` folder, opened through its ``.metadata``:
+    the model's, named as the model names them (:func:`ckptio.layouts.dcp.model_keys`), or with
+    ``all_keys=True`` every entry under its DCP key. A box is read from the chunks it overlaps,
+    each with ``preadv`` of only the box's bytes (whole rows for short runs, like safetensors);
+    the chunks' zip headers are parsed once per chunk, on first use, and no data is unpickled.
+    Safe to read from several threads."""
+
+    def __init__(self, path: str | os.PathLike, *, all_keys: bool = False) -> None:
+        self.path = Path(path)
+        self.meta = dcp.read_metadata(self.path)
+        every = (*self.meta.tensors, *self.meta.values)
+        self.names = {k: k for k in every} if all_keys else dcp_layout.model_keys(self.meta)
+        self._fds: dict[str, safetensors_format.LocalFile] = {}
+        self._raw: dict[tuple[str, int], dcp.RawTensor] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def format(self) -> str:
+        return "dcp"
+
+    def _file(self, name: str) -> safetensors_format.LocalFile:
+        """A data file opened once, read at offsets (no shared position: threads share it)."""
+        with self._lock:
+            opened = self._fds.get(name)
+            if opened is None:
+                path = self.meta.folder / name
+                if not path.is_file():
+                    raise CheckpointNotFoundError("data file named by .metadata is missing", path=path)
+                opened = self._fds[name] = safetensors_format.LocalFile(path)
+            return opened
+
+    def _fd(self, name: str) -> int:
+        return self._file(name).fd
+
+    def _entry(self, key: str) -> dcp.TensorEntry:
+        entry = self.meta.tensors.get(self.names.get(key, ""))
+        if entry is None:
+            raise KeyError(key)
+        return entry
+
+    def _located(self, entry: dcp.TensorEntry, i: int) -> dcp.RawTensor:
+        raw = self._raw.get((entry.key, i))
+        if raw is None:
+            chunk = entry.chunks[i]
+            fd = self._fd(chunk.file)
+            raw = dcp.locate_tensor(fd, chunk, entry.dtype, key=entry.key, path=self.meta.folder / chunk.file)
+            self._raw[(entry.key, i)] = raw
+        return raw
+
+    def shapes(self) -> Shapes:
+        tensors = self.meta.tensors
+        return {name: (tensors[k].dtype, tensors[k].shape) for name, k in self.names.items() if k in tensors}
+
+    def in_file_order(self, keys: list[str]) -> list[str]:
+        def where(key: str) -> tuple[str, int]:
+            return min(((c.file, c.offset) for c in self._entry(key).chunks), default=("", 0))
+
+        return sorted(keys, key=where)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Modules' extra state saved as values (``<module>._extra_state``), read as plain values."""
+        return {
+            name: self.value(name)
+            for name, k in self.names.items()
+            if k in self.meta.values and name.endswith(naming.EXTRA_STATE_SUFFIX)
+        }
+
+    def value(self, key: str) -> Any:
+        """An entry that is not a tensor, unpickled without globals; a tensor entry is read whole."""
+        dcp_key = self.names[key]
+        if dcp_key in self.meta.tensors:
+            return self.read(key)
+        entry = self.meta.values[dcp_key]
+        return dcp.read_value(self._fd(entry.file), entry, path=self.meta.folder / entry.file)
+
+    def read(self, key: str) -> torch.Tensor:
+        entry = self._entry(key)
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+        self.read_box(key, Region((0,) * len(entry.shape), entry.shape), out)
+        return out
+
+    def read_box(self, key: str, region: Region, dest: torch.Tensor) -> None:
+        entry = self._entry(key)
+        try:
+            direct = dest.device.type == "cpu" and dest.is_contiguous() and type(dest) is torch.Tensor
+            out = dest if direct and dest.dtype == entry.dtype else torch.empty(region.shape, dtype=entry.dtype)
+            for i, chunk in enumerate(entry.chunks):
+                part = _overlap(region, chunk)
+                if part is None or not part.numel:
+                    continue
+                raw = self._located(entry, i)
+                inside = Region(tuple(p - c for p, c in zip(part.offset, chunk.offsets)), part.shape)
+                if part.shape == region.shape:
+                    self._read_chunk_box(raw, entry.dtype, inside, out)  # one chunk holds the whole box
+                    continue
+                piece = torch.empty(part.shape, dtype=entry.dtype)
+                self._read_chunk_box(raw, entry.dtype, inside, piece)
+                out[tuple(slice(p - r, p - r + s) for p, r, s in zip(part.offset, region.offset, part.shape))] = piece
+            if out is not dest:
+                dest.copy_(out)
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointCorruptError(f"reading tensor {key!r} failed: {exc}", path=self.path) from exc
+
+    def _read_chunk_box(self, raw: dcp.RawTensor, dtype: torch.dtype, inside: Region, out: torch.Tensor) -> None:
+        header, fd, path = raw.header, self._file(raw.file), str(self.meta.folder / raw.file)
+        if header.contiguous:
+            start = raw.start + header.storage_offset * dtype.itemsize
+            info = TensorInfo(dtype, header.shape, start, start + math.prod(header.shape) * dtype.itemsize)
+            read_safetensors_box(path, fd, info, inside, out)
+            return
+        storage = torch.empty(header.storage_numel, dtype=dtype)  # a strided chunk (a saved view): read it whole
+        _pread_exact(fd, tensor_bytes(storage), raw.start, path)
+        view = storage.as_strided(header.shape, header.stride, header.storage_offset)
+        out.copy_(view[inside.index()])
+
+    def close(self) -> None:
+        with self._lock:
+            for opened in self._fds.values():
+                opened.close()
+            self._fds.clear()
 
 
 def read_shapes(path: str | os.PathLike) -> Shapes:

@@ -295,14 +295,18 @@ def _materialized(tensor) -> torch.Tensor:
 
 def _safetensors_chunks(items: list[tuple[str, object]], metadata: dict[str, str]) -> Iterator[memoryview | bytes]:
     """Header first (from dtypes and shapes alone), then each tensor's bytes; a deferred
-    tensor is read just before its bytes are written and released right after."""
+    tensor is read just before its bytes are written (piece by piece when it can be) and
+    released right after."""
     entries = [(k, t.dtype, tuple(t.shape)) for k, t in items]
     yield safetensors_format.build_header(entries, metadata)
     for _, tensor in items:
-        view = safetensors_format.tensor_bytes(_materialized(tensor))
-        if len(view):
-            yield view
-        del view
+        pieces = tensor.pieces() if isinstance(tensor, Deferred) and tensor.pieces is not None else None
+        for piece in pieces if pieces is not None else (_materialized(tensor),):
+            view = safetensors_format.tensor_bytes(piece)
+            del piece
+            if len(view):
+                yield view
+            del view
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,11 @@ COLOSSAL_OPTIM_GROUPS = "pytorch_optim_group.bin"
 # ... and what ColossalAI 0.5 writes with use_async=True: safetensors shards `optimizer-00001.safetensors`
 # (flat keys, see formats/colossal_optim.py) under this index, with the same group file
 COLOSSAL_OPTIM_SAFE_INDEX = "optimizer.safetensors.index.json"
+# torch.distributed.checkpoint (DCP): a folder of `__<rank>_<n>.distcp` data files and the pickled
+# `.metadata` that maps every tensor's chunks to them; torchtitan keeps one per `step-<N>/` folder
+DCP_METADATA = ".metadata"
+DCP_DATA_SUFFIX = ".distcp"
+_TORCHTITAN_STEP_RE = re.compile(r"^step-(\d+)$")
 
 # Training folders written by other tools (loaded by ckptio.training.load_checkpoint).
 # transformers.Trainer's `checkpoint-N/`: the model as save_pretrained writes it, and these
@@ -250,3 +255,9 @@ def optimizer_files_pattern(prefix: str | None) -> re.Pattern[str]:
 
 def is_temporary(name: str) -> bool:
     return TMP_MARK in name or OLD_MARK in name or DELETE_MARK in name
+
+
+def parse_torchtitan_step(name: str) -> int | None:
+    """The step of a torchtitan checkpoint folder name (``step-1000`` -> 1000), else None."""
+    m = _TORCHTITAN_STEP_RE.match(name)
+    return int(m.group(1)) if m else None

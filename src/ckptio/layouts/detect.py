@@ -15,6 +15,9 @@
   ``transformers.Trainer`` ``checkpoint-N/`` (``trainer_state.json``; layout ``hf-trainer``) or
   an ``accelerate`` ``save_state`` folder (``random_states_<i>.pkl``; layout ``accelerate``).
   Without a kind those two are what they also are: a model folder;
+* a folder written by ``torch.distributed.checkpoint.save`` (``.metadata`` + ``*.distcp``, e.g. a
+  torchtitan ``step-N`` folder), layout ``"dcp"``: ``model`` when it holds model tensors, else
+  ``optimizer`` (:mod:`ckptio.layouts.dcp` says which entries are which);
 * ``runs``: a folder of training checkpoints, as ``CheckpointManager`` keeps them.
 
 Asked for a kind (``detect(path, "model")``), it finds that kind inside whatever the path is
@@ -31,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptio.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError
-from ckptio.formats import naming, safetensors_format
+from ckptio.formats import dcp, naming, safetensors_format
 from ckptio.formats.hf_index import ShardIndex, read_index
+from ckptio.layouts import dcp as dcp_layout
 from ckptio.storage import atomic
 
 KINDS = ("model", "optimizer", "lr_scheduler", "training", "runs")
@@ -85,6 +89,8 @@ def detect(path: str | os.PathLike, kind: str | None = None) -> Located:
     _restore(path)
     if not path.exists():
         raise CheckpointNotFoundError("checkpoint does not exist", path=path)
+    if path.name == naming.DCP_METADATA and path.is_file():
+        path = path.parent  # a DCP checkpoint is its folder
     if kind == "model":
         return _model(path)
     if kind == "optimizer":
@@ -107,6 +113,8 @@ def _any(path: Path) -> Located:
             return _training(path)
         if any(naming.parse_checkpoint_name(n) is not None and (path / n).is_dir() for n in entries):
             return _runs(path)
+        if naming.DCP_METADATA in entries:
+            return _dcp(path)
         if not any(naming.is_model_index(n) for n in entries) and _optimizer_indexes(entries):
             return _optimizer(path)
         return _model(path)
@@ -154,6 +162,8 @@ def _model(path: Path) -> Located:
             return _sharded(path, "model", "sharded")
         return _file(path, "model", "single")
     entries = _entries(path)
+    if naming.DCP_METADATA in entries:
+        return _dcp(path, "model")
     indexes = [n for n in entries if naming.is_model_index(n)]
     if indexes:
         return _sharded(path / _pick_model_index(path, indexes), "model", "sharded")
@@ -164,8 +174,8 @@ def _model(path: Path) -> Located:
         return _model(path / naming.TRAINING_MODEL_DIR)  # a training checkpoint: its model part
     raise CheckpointNotFoundError(
         "no model checkpoint in this folder: expected an index JSON "
-        f"({naming.SAFETENSORS_INDEX} or {naming.BIN_INDEX}), {naming.SAFETENSORS_WEIGHTS} "
-        f"or {naming.BIN_WEIGHTS}",
+        f"({naming.SAFETENSORS_INDEX} or {naming.BIN_INDEX}), {naming.SAFETENSORS_WEIGHTS}, "
+        f"{naming.BIN_WEIGHTS} or a DCP {naming.DCP_METADATA}" + _step_folders_hint(path, entries),
         path=path,
     )
 
@@ -186,6 +196,8 @@ def _optimizer(path: Path) -> Located:
             return _file(path, "optimizer", "safetensors")
         return _file(path, "optimizer", "torch")
     entries = _entries(path)
+    if naming.DCP_METADATA in entries:
+        return _dcp(path, "optimizer")
     found = _optimizer_indexes(entries)
     if not found and naming.RUNNING_STATES in entries and naming.TRAINING_OPTIMIZER_DIR in entries:
         return _optimizer(path / naming.TRAINING_OPTIMIZER_DIR)
@@ -195,7 +207,8 @@ def _optimizer(path: Path) -> Located:
     if not found:
         raise CheckpointNotFoundError(
             f"no optimizer checkpoint in this folder: expected {naming.OPTIMIZER_INDEX}, "
-            f"{naming.COLOSSAL_OPTIM_INDEX} or {naming.COLOSSAL_OPTIM_SAFE_INDEX}",
+            f"{naming.COLOSSAL_OPTIM_INDEX}, {naming.COLOSSAL_OPTIM_SAFE_INDEX} or a DCP {naming.DCP_METADATA}"
+            + _step_folders_hint(path, entries),
             path=path,
         )
     raise CheckpointFormatError(
@@ -212,6 +225,32 @@ def _colossal(index_path: Path) -> Located:
             located.kind, located.layout, located.folder, located.entry, (*located.files, groups), located.index
         )
     return located
+
+
+# ----------------------------------------------------------------------------- torch.distributed.checkpoint
+def _dcp(folder: Path, kind: str | None = None) -> Located:
+    meta = dcp.read_metadata(folder / naming.DCP_METADATA)
+    found = dcp_layout.kind_of(meta)
+    wanted = kind or found
+    if wanted is None or (wanted == "model" and found != "model"):
+        raise CheckpointNotFoundError(
+            f"DCP checkpoint holds no model tensors{' and no optimizer' if found is None else ''} "
+            f"(keys: {', '.join(list(meta.tensors)[:5]) or 'none'}...); see ckptio.layouts.dcp for what is read",
+            path=folder,
+        )
+    if wanted == "optimizer" and dcp_layout.optimizer_part(meta) is None:
+        raise CheckpointNotFoundError("DCP checkpoint holds no optimizer state (no param_groups)", path=folder)
+    return Located(wanted, "dcp", folder, naming.DCP_METADATA, (naming.DCP_METADATA, *meta.files))
+
+
+def _step_folders_hint(path: Path, entries: list[str]) -> str:
+    """torchtitan keeps each checkpoint in ``step-N/``: name the newest to pass instead of their parent."""
+    steps = [n for n in entries if naming.parse_torchtitan_step(n) is not None and (path / n).is_dir()]
+    steps = [n for n in steps if (path / n / naming.DCP_METADATA).is_file()]
+    if not steps:
+        return ""
+    steps.sort(key=naming.parse_torchtitan_step)
+    return f"; it holds torchtitan checkpoints ({', '.join(steps)}): pass one of them, e.g. {path / steps[-1]}"
 
 
 # ----------------------------------------------------------------------------- training

@@ -131,9 +131,10 @@ def test_torchtitan_parent_folder_names_the_step_folders(tmp_path):
 
 
 def test_torchtitan_checkpoint_manager_step_folder_loads(tmp_path):
-    """torchtitan's own CheckpointManager writes the step folder (when torchtitan imports here)."""
-    checkpointer = pytest.importorskip("torchtitan.components.checkpoint")
-    containers = pytest.importorskip("torchtitan.components.optimizer")
+    """torchtitan's own CheckpointManager writes the step folder (torchtitan is in the dev install)."""
+    import torchtitan.components.checkpoint as checkpointer
+    import torchtitan.components.optimizer as containers
+
     model = _net(0)
     groups = [
         containers.ParamGroupConfig(pattern=r"^0\.", optimizer_name="AdamW", optimizer_kwargs={"lr": 0.01}),

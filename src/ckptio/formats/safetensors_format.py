@@ -64,7 +64,7 @@ def build_header(
         nbytes = math.prod(shape) * dtypes.element_size(dtype)
         header[name] = {
             "dtype": dtypes.to_safetensors_code(dtype),
-            "shape": [int(d) for d in shape],
+            "shape": dtypes.file_shape(dtype, shape),
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
@@ -210,6 +210,7 @@ class SafetensorsReader:
         offsets = entry.get("data_offsets")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise CheckpointFormatError(f"tensor {name!r} has an invalid shape {shape!r}", path=path)
+        shape = dtypes.torch_shape(entry["dtype"], shape, path=path, name=name)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2

@@ -12,9 +12,19 @@ from ckptio.storage.location import readable
 from ckptio.tools.inspect import dtype_name
 from ckptio.tools.view import ModelView
 
+# the 16 values of a 4-bit E2M1 code; torch has no arithmetic on float4_e2m1fn_x2 (two codes per byte)
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _unpack_fp4(t: torch.Tensor) -> torch.Tensor:
+    codes = t.contiguous().view(torch.uint8).long()
+    return torch.stack([_E2M1[codes & 15], _E2M1[codes >> 4]], dim=-1)
+
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest ``|a - b|`` (NaN where exactly one side is NaN; both NaN counts as equal)."""
+    if a.dtype == getattr(torch, "float4_e2m1fn_x2", None):
+        a, b = _unpack_fp4(a), _unpack_fp4(b)
     if a.dtype == torch.bool:
         return float((a != b).any())
     if a.is_complex():

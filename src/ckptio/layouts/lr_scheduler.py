@@ -33,7 +33,7 @@ def scheduler_file_bytes(state: dict[str, Any], *, prefer_torch: bool = False) -
     if not prefer_torch:
         try:
             body = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": tagged_json.encode(state)}
-            return (json.dumps(body, indent=1) + "\n").encode("utf-8")
+            return (json.dumps(body, indent=1, allow_nan=False) + "\n").encode("utf-8")
         except tagged_json.NotJSONable:
             pass
     buffer = io.BytesIO()

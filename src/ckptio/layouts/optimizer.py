@@ -66,7 +66,7 @@ def index_bytes(plan: FilePlan, description: dict[str, Any]) -> bytes:
         "weight_map": plan.weight_map or {},
         "optimizer": description,
     }
-    return (json.dumps(body, indent=1) + "\n").encode("utf-8")
+    return (json.dumps(body, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
 
 def index_metadata(description: dict[str, Any], prefix: str | None):

@@ -100,7 +100,7 @@ def test_torch_suffix_and_unjsonable_state_write_torch_files(tmp_path):
 def test_bad_files(tmp_path):
     opt, scheduler = stepped("step")
     (tmp_path / "bad.json").write_text('{"format": "something-else"}')
-    with pytest.raises(CheckpointError, match="not a ckptio LR scheduler file"):
+    with pytest.raises(CheckpointError, match="this is a JSON file, not an LR scheduler file"):
         Booster().load_lr_scheduler(scheduler, tmp_path / "bad.json")
     with pytest.raises(CheckpointError, match="does not exist"):
         Booster().load_lr_scheduler(scheduler, tmp_path / "missing")

@@ -18,7 +18,7 @@ import torch
 
 from ckptio.engine.tensors import Region
 from ckptio.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
-from ckptio.formats import safetensors_format, torch_format
+from ckptio.formats import safetensors_format, sniff, torch_format
 from ckptio.formats.safetensors_format import TensorInfo, tensor_bytes
 
 _RUN_BYTES = 4096  # strided runs shorter than this are read as whole rows instead (fewer syscalls)
@@ -91,7 +91,7 @@ class TensorFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointNotFoundError("weights file named by the checkpoint is missing", path=self.path)
-        st = safetensors_format.is_safetensors_file(self.path)
+        st = sniff.is_safetensors_file(self.path)
         self._st = safetensors_format.SafetensorsReader.open(self.path) if st else None
         self._torch: dict[str, torch.Tensor] | None = None
 

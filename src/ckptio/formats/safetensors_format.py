@@ -89,19 +89,6 @@ def file_size(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, s
     return len(header) + sum(t.numel() * t.element_size() for _, t in tensors)
 
 
-def is_safetensors_file(path: str | os.PathLike) -> bool:
-    """By suffix, else by the first bytes: ``torch.save`` files start with a zip (``PK``) or a
-    pickle (``0x80``) signature, safetensors files with a little-endian header length."""
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
-    if suffix == ".safetensors":
-        return True
-    if suffix in (".bin", ".pt", ".pth"):
-        return False
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return not (head.startswith(b"PK") or head[:1] == b"\x80")
-
-
 def _readinto_exact(fh: BinaryIO, offset: int, view: memoryview, path: str) -> None:
     fh.seek(offset)
     done = 0

@@ -106,7 +106,15 @@ def _any(path: Path) -> Located:
             return _runs(path)
         if not any(naming.is_model_index(n) for n in entries) and _optimizer_indexes(entries):
             return _optimizer(path)
-        return _model(path)
+        if _holds_a_model(entries):
+            return _model(path)
+        raise CheckpointNotFoundError(
+            "no checkpoint here: expected a model (an index JSON, "
+            f"{naming.SAFETENSORS_WEIGHTS} or {naming.BIN_WEIGHTS}), an optimizer ({naming.OPTIMIZER_INDEX} or "
+            f"{naming.COLOSSAL_OPTIM_INDEX}), a training checkpoint ({naming.RUNNING_STATES}) or a folder of "
+            "training checkpoints (epoch-E_step-S)",
+            path=path,
+        )
     name = path.name
     if naming.is_optimizer_index(name) or naming.is_colossal_optimizer_index(name):
         return _optimizer(path)
@@ -341,15 +349,19 @@ def torch_kind(obj) -> tuple[str | None, str | None]:
     return ("optimizer" if "optimizer" in what else "lr_scheduler" if "scheduler" in what else "model"), what
 
 
+def _holds_a_model(entries: list[str]) -> bool:
+    return (
+        any(naming.is_model_index(n) for n in entries)
+        or naming.SAFETENSORS_WEIGHTS in entries
+        or naming.BIN_WEIGHTS in entries
+    )
+
+
 def _holds_instead(entries: list[str], wanted: str) -> str:
     """``"; it holds ..."`` for a folder that holds a checkpoint of another kind, else ``""``."""
     if wanted != "optimizer" and _optimizer_indexes(entries):
         return "; it holds an optimizer checkpoint (load it with booster.load_optimizer)"
-    if wanted != "model" and (
-        any(naming.is_model_index(n) for n in entries)
-        or naming.SAFETENSORS_WEIGHTS in entries
-        or naming.BIN_WEIGHTS in entries
-    ):
+    if wanted != "model" and _holds_a_model(entries):
         return "; it holds a model checkpoint (load it with booster.load_model)"
     if any(naming.parse_checkpoint_name(n) is not None for n in entries):
         return "; it holds training checkpoints (epoch-E_step-S folders): pass one of them"

@@ -11,11 +11,22 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from ckptio.storage.base import Commit
 from ckptio.storage.urls import is_url, join, local_path, url_basename
 
-__all__ = ["exists", "is_url", "join", "local_path", "new_commit", "normalize", "readable", "url_basename"]
+__all__ = [
+    "committed_local",
+    "exists",
+    "is_url",
+    "join",
+    "local_path",
+    "new_commit",
+    "normalize",
+    "readable",
+    "url_basename",
+]
 
 
 def normalize(checkpoint: str | os.PathLike) -> str:
@@ -45,16 +56,25 @@ def new_commit(
 
 @contextlib.contextmanager
 def readable(checkpoint: str | os.PathLike, *, quiet: bool = False) -> Iterator[str]:
-    """A local path to read ``checkpoint`` from: itself, or a downloaded copy of the version a
-    URL's commit marker names (removed afterwards)."""
+    """A local path to read ``checkpoint`` from: itself, the version a local folder's commit
+    marker names (an object-store checkpoint copied down with ``aws s3 sync`` or the like), or
+    a downloaded copy of the version a URL's marker names (removed afterwards)."""
     target = normalize(checkpoint)
     if not is_url(target):
-        yield target
+        yield committed_local(target)
         return
     from ckptio.storage import fsspec_storage
 
     with fsspec_storage.loading(target, quiet=quiet) as local:
         yield local
+
+
+def committed_local(target: str | os.PathLike) -> str:
+    """The local ``target``, or the committed version inside it when it holds a commit marker."""
+    from ckptio.storage.marker import committed_folder
+
+    folder = committed_folder(target)
+    return os.fspath(target) if folder == Path(target) else os.fspath(folder)
 
 
 def exists(checkpoint: str | os.PathLike) -> bool:

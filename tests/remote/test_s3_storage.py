@@ -290,6 +290,11 @@ def test_a_checkpoint_synced_down_with_an_ordinary_tool_loads_inspects_and_verif
     assert inspect_checkpoint(run)["checkpoints"][0]["state"] == "epoch 0, step 5"
     assert verify_checkpoint(run)[1] == [] and verify_checkpoint(run / "epoch-0_step-5")[1] == []
 
-    (local / COMMIT_MARKER).unlink()  # versions but no marker: an interrupted first upload, refused
+    booster.save_model(newer, local, shard=True, use_safetensors=True)  # a local save replaces the synced one
+    assert not (local / COMMIT_MARKER).exists() and not any(p.name in versions for p in local.iterdir())
+    booster.load_model(dest, local)
+    assert same(dest, newer)
+
+    (run / "epoch-0_step-5" / COMMIT_MARKER).unlink()  # versions but no marker: an interrupted upload, refused
     with pytest.raises(CheckpointNotFoundError, match="incomplete checkpoint"):
-        booster.load_model(dest, local)
+        load_checkpoint(run / "epoch-0_step-5", b2, model2, opt2, None)

@@ -33,3 +33,17 @@ def test_benchmark_smoke_run(tmp_path):
     except ImportError:
         pytest.skip("matplotlib not installed: the chart is optional")
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_benchmark_many_small_tensors_case(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--many-small", "50", "--repeats", "1"]
+    cmd += ["--settle", "0", "--no-cold", "--no-chart", "--tools", "safetensors", "transformers"]
+    cmd += ["--dir", str(tmp_path), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["tensors"] == 50 and result["state"] == "50 float32 tensors of 16 elements"
+    assert {"load warm/ckptio", "load warm/safetensors", "save/ckptio"} <= set(result["medians"])
+    assert "transformers" not in result["tools"], "needs a PreTrainedModel: skipped"
+    assert "50 float32 tensors of 16 elements" in done.stdout

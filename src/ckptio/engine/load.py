@@ -11,7 +11,6 @@ one process), file by file in the order the bytes sit, ``num_threads`` files at 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ckptio.engine.group import Group, collective_step, report_errors
-from ckptio.engine.reader import Shapes, TensorFile, read_shapes
+from ckptio.engine.reader import FileHeader, TensorFile, read_header
 from ckptio.engine.tensors import is_dtensor, local_part, local_region
 from ckptio.errors import CheckpointCorruptError, StateMismatchError
 from ckptio.layouts.detect import Located, detect
@@ -30,18 +29,25 @@ from ckptio.storage.verify import check_against_manifest
 CopyPlan = list[tuple[str, list[tuple[str, str]]]]
 
 
+def read_headers(located: Located) -> dict[str, FileHeader]:
+    """The header of every weights file of a checkpoint, parsed once for the match and the copy."""
+    return {name: read_header(located.folder / name) for name in located.weight_files}
+
+
 def match_files(
     located: Located,
     dest: dict[str, torch.Tensor],
     aliases: dict[str, str],
-    read: Callable[[Path], Shapes] = read_shapes,
+    files: dict[str, FileHeader] | None = None,
 ) -> tuple[CopyPlan, LoadReport]:
-    """Pair every tensor of every file with its live tensor from the headers alone."""
+    """Pair every tensor of every file with its live tensor from the headers alone
+    (``files``: the headers :func:`read_headers` gave, else read here)."""
     report = LoadReport()
     per_file: CopyPlan = []
     loaded: set[str] = set()
     index = located.index
-    headers = [(name, read(located.folder / name)) for name in located.weight_files]
+    files = read_headers(located) if files is None else files
+    headers = [(name, files[name].shapes) for name in located.weight_files]
     for name, shapes in headers:
         if index is not None:
             absent = [k for k, f in index.weight_map.items() if f == name and k not in shapes]
@@ -79,14 +85,16 @@ class _LoadPlan:
     located: Located
     per_file: CopyPlan
     report: LoadReport
+    files: dict[str, FileHeader]
 
 
 def _plan_load(checkpoint, dest: dict, aliases: dict[str, str], verify: bool) -> _LoadPlan:
     located = checkpoint if isinstance(checkpoint, Located) else detect(checkpoint, "model")
-    per_file, report = match_files(located, dest, aliases)
+    files = read_headers(located)
+    per_file, report = match_files(located, dest, aliases, files)
     # Each rank checks the sizes (and checksums) of the files it will read.
     check_against_manifest(located.folder, [name for name, todo in per_file if todo], checksums=verify)
-    return _LoadPlan(located, per_file, report)
+    return _LoadPlan(located, per_file, report, files)
 
 
 def _copy_into(reader: TensorFile, file_key: str, live: torch.Tensor) -> None:
@@ -105,12 +113,15 @@ def _copy_into(reader: TensorFile, file_key: str, live: torch.Tensor) -> None:
     local.copy_(distribute_tensor(full, live.device_mesh, live.placements, src_data_rank=None).to_local())
 
 
-def _copy_file(folder: Path, name: str, todo: list[tuple[str, str]], dest: dict) -> None:
+def _copy_file(folder: Path, name: str, todo: list[tuple[str, str]], dest: dict, header: FileHeader) -> None:
     if not todo:
         return
-    with TensorFile(folder / name) as reader, torch.no_grad():
-        order = {k: i for i, k in enumerate(reader.in_file_order([k for k, _ in todo]))}
-        for file_key, live_key in sorted(todo, key=lambda kv: order[kv[0]]):
+    with TensorFile(folder / name, header) as reader, torch.no_grad():
+        plain = [(k, dest[live].detach()) for k, live in todo if not is_dtensor(dest[live])]
+        reader.copy_all(plain)  # in file order, runs of small tensors in one read each
+        sharded = [(k, live) for k, live in todo if is_dtensor(dest[live])]
+        order = {k: i for i, k in enumerate(reader.in_file_order([k for k, _ in sharded]))}
+        for file_key, live_key in sorted(sharded, key=lambda kv: order[kv[0]]):
             _copy_into(reader, file_key, dest[live_key])
 
 
@@ -142,13 +153,17 @@ def load_state(
         )
     error: BaseException | None = None
     work = [(name, todo) for name, todo in plan.per_file if todo]
+
+    def copy(item: tuple[str, list[tuple[str, str]]]) -> None:
+        _copy_file(located.folder, item[0], item[1], dest, plan.files[item[0]])
+
     try:
         if num_threads > 1 and len(work) > 1:
             with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ckptio-read") as pool:
-                list(pool.map(lambda item: _copy_file(located.folder, item[0], item[1], dest), work))
+                list(pool.map(copy, work))
         else:
-            for name, todo in work:
-                _copy_file(located.folder, name, todo, dest)
+            for item in work:
+                copy(item)
     except Exception as exc:  # noqa: BLE001 (reported to every rank below)
         error = exc
     report_errors(group, f"loading {where}", error)

@@ -211,3 +211,65 @@ def test_interpreter_exit_waits_for_the_save(tmp_path):
     Booster().load_model(model, tmp_path / "ckpt", verify=True)
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+_CTRL_C_CHILD = """
+import sys, time, torch
+from ckptio import Booster
+from ckptio.storage import local
+original = local.LocalFileWriter.write
+def slow(self, name, chunks):
+    time.sleep(0.3)
+    return original(self, name, chunks)
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+booster = Booster()
+booster.save_model(torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)]), sys.argv[1], shard=True)
+torch.save(model.state_dict(), sys.argv[2])
+local.LocalFileWriter.write = slow  # about 2 s of writing: several rounds of the writer's threads
+booster.save_model(model, sys.argv[1], shard=True, use_safetensors=True, size_per_shard=0.02, use_async=True)
+print("submitted", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("interrupts", [1, 2])
+def test_ctrl_c_during_an_async_save_leaves_it_committed_or_nothing(tmp_path, interrupts):
+    """A real SIGINT: the first unwinds the main thread and exit waits for the save, which
+    commits; a second one while exit waits stops the save, which removes its staging folder and
+    leaves the previous checkpoint. Never a staging folder, never a half-written checkpoint."""
+    import signal
+
+    path, expected_path = tmp_path / "ckpt", tmp_path / "expected.pt"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CTRL_C_CHILD, str(path), str(expected_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "submitted", child.stderr.read()
+        previous = _snapshot(_load_linear_stack(path))
+        child.send_signal(signal.SIGINT)
+        if interrupts == 2:
+            for line in child.stderr:  # the first interrupt's traceback: the main thread has unwound
+                if line.startswith("KeyboardInterrupt"):
+                    break
+            child.send_signal(signal.SIGINT)  # ... and exit is waiting for the save
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == -signal.SIGINT, err
+    assert _leftovers(tmp_path) == [], err
+    loaded = _load_linear_stack(path, verify=True)
+    if interrupts == 1:
+        _assert_state(loaded, torch.load(expected_path, weights_only=True))
+    else:
+        assert "stopping it, nothing of it is committed" in err, err
+        _assert_state(loaded, previous)
+
+
+def _load_linear_stack(path, verify=False):
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+    Booster().load_model(model, path, verify=verify)
+    return model

@@ -41,7 +41,7 @@ from ckptio.errors import (
 )
 from ckptio.formats.naming import COMMIT_MARKER, MANIFEST, REMOTE_VERSION_PREFIX
 from ckptio.progress import Progress
-from ckptio.storage.base import Commit, FileRecord, FileWriter, HashingStream, new_hasher
+from ckptio.storage.base import Commit, FileRecord, FileWriter, HashingStream, check_abandoned, new_hasher
 from ckptio.storage.marker import MAX_MARKER_BYTES, incomplete, marker_bytes, parse_marker
 from ckptio.storage.urls import is_url, url_basename
 
@@ -97,6 +97,7 @@ class FsspecFileWriter(FileWriter):
         fh = self._open_object(name)
         try:
             for chunk in chunks:
+                check_abandoned(self._where(name))
                 view = memoryview(chunk).cast("B")
                 hasher.update(view)
                 fh.write(view)

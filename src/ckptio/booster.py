@@ -80,7 +80,8 @@ class Booster:
         verify: bool = False,
     ) -> LoadReport:
         """Load model weights in any supported layout (see :meth:`CheckpointIO.load_model`)."""
-        return self.checkpoint_io.load_model(model, checkpoint, strict, low_cpu_mem_mode, num_threads, verify)
+        self.checkpoint_io.load_model(model, checkpoint, strict, low_cpu_mem_mode, num_threads, verify)
+        return self.checkpoint_io.last_load_report
 
     def save_optimizer(
         self,

@@ -47,6 +47,10 @@ def _check_threads(num_threads: int) -> int:
 class CheckpointIO(ABC):
     """Saves and loads model, optimizer and LR scheduler state for one parallel layout."""
 
+    #: the report of the last :meth:`load_model` (missing, unexpected and mismatched keys), which
+    #: returns the model as ColossalAI's does; ``Booster.load_model`` returns this report
+    last_load_report: LoadReport | None = None
+
     # ------------------------------------------------------------------ model
     def save_model(
         self,
@@ -80,11 +84,13 @@ class CheckpointIO(ABC):
         low_cpu_mem_mode: bool = True,
         num_threads: int = 1,
         verify: bool = False,
-    ) -> LoadReport:
+    ) -> nn.Module:
         """Load weights saved in any supported layout into ``model`` in place.
 
-        Returns the report of missing / unexpected / mismatched keys (empty when all fit);
-        with ``strict=True`` a non-empty report raises instead, before anything is loaded.
+        Returns ``model`` itself, as ColossalAI's ``CheckpointIO.load_model`` does (code written
+        for it says ``model = checkpoint_io.load_model(model, path)``); the report of missing /
+        unexpected / mismatched keys is :attr:`last_load_report` (empty when all fit). With
+        ``strict=True`` a non-empty report raises instead, before anything is loaded.
         ``num_threads`` shard files are read at once (each rank reads only its own boxes).
         ``low_cpu_mem_mode`` is accepted for ColossalAI's signature: loading always streams
         shard by shard straight into the live tensors, so extra memory stays below one shard
@@ -93,7 +99,7 @@ class CheckpointIO(ABC):
         num_threads = _check_threads(num_threads)
         path = _check_path(checkpoint)
         with track_io("load model", lambda: module_nbytes(model), direction="read"), readable(path) as local:
-            return self._load_model(
+            self.last_load_report = self._load_model(
                 model,
                 local,
                 strict=bool(strict),
@@ -101,6 +107,7 @@ class CheckpointIO(ABC):
                 num_threads=num_threads,
                 verify=bool(verify),
             )
+        return model
 
     # ------------------------------------------------------------------ optimizer
     def save_optimizer(

@@ -33,7 +33,16 @@ def save_state_dict(
     prefix: str | None = None,
 ) -> None:
     """Save ``state`` to ``checkpoint`` (a file, or a Hugging Face folder with ``shard=True``),
-    atomically, from this process alone. Tensors sharing memory are written once each."""
+    atomically, from this process alone. Tensors sharing memory are written once each.
+
+    Args:
+        state: ``{name: tensor}`` (CPU or GPU, any dtype safetensors has).
+        checkpoint: the file or folder, local or an fsspec URL.
+        shard: a folder of shards and an index instead of one file.
+        size_per_shard: the largest shard, in MiB.
+        use_safetensors: safetensors files (``torch.save`` ones when False).
+        prefix: goes into file names, as in ``Booster.save_model``.
+    """
     opts = ModelSaveOptions(shard, prefix, max(1, int(size_per_shard * MiB)), use_safetensors)
     path = normalize(checkpoint)
     group = Group.of_one()
@@ -45,7 +54,17 @@ def save_state_dict(
 def load_into(
     dest: dict[str, torch.Tensor], checkpoint: str | os.PathLike, *, strict: bool = True, verify: bool = False
 ) -> LoadReport:
-    """Copy a checkpoint's tensors into the existing tensors ``dest`` (by name), in place."""
+    """Copy a checkpoint's tensors into the existing tensors ``dest`` (by name), in place.
+
+    Args:
+        dest: ``{name: tensor}`` to fill; shapes and dtypes must match the checkpoint's.
+        checkpoint: any model checkpoint layout, local or an fsspec URL.
+        strict: a missing, unexpected or mismatched key raises before anything is copied.
+        verify: check every file's checksum against the manifest first.
+
+    Returns:
+        The :class:`LoadReport` of what did not fit (empty when everything did).
+    """
     with readable(checkpoint) as local:
         return load_state(dest, local, Group.of_one(), strict=strict, verify=verify)
 
@@ -55,7 +74,16 @@ def load_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The tensors of a model checkpoint in any layout we read (one file, a sharded folder, a
     training checkpoint's model), as new CPU tensors: all of them, or only ``keys``, reading
-    only the files and bytes that hold them."""
+    only the files and bytes that hold them.
+
+    Args:
+        checkpoint: any model checkpoint layout, local or an fsspec URL.
+        keys: the names to read (a name the checkpoint lacks raises); None reads every tensor.
+        verify: check the checksums of the files read against the manifest first.
+
+    Returns:
+        ``{name: tensor}``, in the order of ``keys`` when given.
+    """
     with readable(checkpoint) as local:
         located = detect(local, "model")
         wanted = None if keys is None else list(dict.fromkeys(keys))

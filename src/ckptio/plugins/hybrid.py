@@ -254,7 +254,11 @@ class HybridParallelPlugin(Plugin):
         }
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """Apply the tensor-parallel plan on ``tp``, then ``fully_shard`` on ``dp``."""
+        """Apply the tensor-parallel plan on ``tp``, then ``fully_shard`` on ``dp``.
+
+        Args:
+            model: the model on this rank's device; parallelized in place and returned.
+        """
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor.parallel import parallelize_module
 

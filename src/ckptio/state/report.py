@@ -24,7 +24,13 @@ class Mismatch:
 
 @dataclass
 class LoadReport:
-    """What did not fit when a checkpoint was loaded. Empty lists mean a perfect fit."""
+    """What did not fit when a checkpoint was loaded. Empty lists mean a perfect fit.
+
+    Args:
+        missing_keys: live keys the checkpoint does not hold (left as they were).
+        unexpected_keys: checkpoint keys the live state does not have (not loaded).
+        mismatched: keys in both with another shape or dtype (not loaded).
+    """
 
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
@@ -32,9 +38,15 @@ class LoadReport:
 
     @property
     def ok(self) -> bool:
+        """True when every key was loaded and nothing was left over."""
         return not (self.missing_keys or self.unexpected_keys or self.mismatched)
 
     def describe(self, limit: int = 20) -> str:
+        """One line per kind of problem, for messages.
+
+        Args:
+            limit: the most keys listed per kind (the rest are counted).
+        """
         parts = []
         for title, items in (
             ("missing from the checkpoint", self.missing_keys),

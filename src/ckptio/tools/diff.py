@@ -43,6 +43,14 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, atol: float 
 
     ``equal`` is True only when both hold the same keys, dtypes and shapes and every value is
     equal (or within ``atol``). Tensors are read one pair at a time.
+
+    Args:
+        a: a model checkpoint in any layout, local or an fsspec URL.
+        b: another one.
+        atol: the largest absolute difference still counted as equal.
+
+    Returns:
+        A dict ``json.dumps`` accepts (what ``ckptio diff --json`` prints).
     """
     with readable(a) as la, readable(b) as lb, ModelView(la) as va, ModelView(lb) as vb:
         report = compare(va, vb, atol)

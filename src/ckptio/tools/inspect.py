@@ -27,7 +27,15 @@ def dtype_name(dtype) -> str:
 
 def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dict[str, Any]:
     """The report for whatever ``path`` holds; ``kind`` says which: ``model``, ``optimizer``,
-    ``lr_scheduler``, ``training`` (one ``epoch-E_step-S`` folder) or ``training runs``."""
+    ``lr_scheduler``, ``training`` (one ``epoch-E_step-S`` folder) or ``training runs``.
+
+    Args:
+        path: local or an fsspec URL.
+        tensors: also list every tensor (name, dtype, shape, file) of a model.
+
+    Returns:
+        A dict ``json.dumps`` accepts (what ``ckptio inspect --json`` prints).
+    """
     label = os.fspath(path)
     with readable(path) as local:
         located = detect(local)

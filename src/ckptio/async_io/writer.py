@@ -23,6 +23,7 @@ killed mid-file. Only a kill leaves a staging folder, which the next save of tha
 from __future__ import annotations
 
 import atexit
+import contextlib
 import sys
 import threading
 import time
@@ -142,17 +143,17 @@ _exit_wait_registered = False
 def _register_exit_wait() -> None:
     """Hook exit's wait into threading's shutdown, ahead of ``concurrent.futures``' own hook
     (hooks run last-registered first; the engine's thread pool module is imported by now).
-    ``atexit`` would run only after the interpreter stopped thread pools and joined threads."""
+    ``atexit`` alone would run only after the interpreter stopped thread pools and joined
+    threads; it is registered too, for when a Ctrl-C pressed as exit begins skips threading's
+    hooks (the threads are then still running, and thread pools still take work)."""
     global _exit_wait_registered
     if _exit_wait_registered:
         return
     import concurrent.futures.thread  # noqa: F401 (registers its hook first, so ours runs before it)
 
     register = getattr(threading, "_register_atexit", None)
-    try:
-        if register is None:
-            raise RuntimeError("threading._register_atexit is gone")
-        register(_wait_all_at_exit)
-    except RuntimeError:  # already shutting down, or another Python: the plain exit hook
-        atexit.register(_wait_all_at_exit)
+    with contextlib.suppress(RuntimeError):  # already shutting down: atexit below still waits
+        if register is not None:
+            register(_wait_all_at_exit)
+    atexit.register(_wait_all_at_exit)  # a no-op when the hook above already waited
     _exit_wait_registered = True

@@ -70,15 +70,20 @@ def _positive_or_none(name: str, value: int | None) -> int | None:
 class CheckpointManager:
     """Saves training checkpoints under ``save_dir``, keeps the newest few, resumes from the newest good one.
 
-    ``keep_last``: how many of the newest checkpoints rotation keeps (``None`` keeps all).
-    ``keep_every``: checkpoints whose ``step`` is a multiple of it are never rotated away.
-    ``save_every``: :meth:`save` writes only when ``step`` is a multiple of it (``force=True``
-    overrides), so the loop can call it every step.
-
-    ``discard_existing``: whether this run may replace the checkpoints already in ``save_dir``
-    that it did not resume from. By default :meth:`save` refuses (``CheckpointExistsError``)
-    while the folder holds any; with ``True`` a same-named save replaces one and the rest are
-    deleted once this run's first checkpoint is committed, so ``latest()`` never mixes two runs.
+    Args:
+        save_dir: the run's folder (local or mounted); checkpoints are ``epoch-E_step-S`` in it.
+        booster: the Booster whose CheckpointIO saves and loads.
+        keep_last: how many of the newest checkpoints rotation keeps (``None`` keeps all).
+        keep_every: checkpoints whose ``step`` is a multiple of it are never rotated away.
+        save_every: :meth:`save` writes only when ``step`` is a multiple of it (``force=True``
+            overrides), so the loop can call it every step.
+        coordinator: the ranks that save together (default: a ``DistCoordinator`` of the
+            default group).
+        discard_existing: whether this run may replace the checkpoints already in ``save_dir``
+            that it did not resume from. By default :meth:`save` refuses
+            (``CheckpointExistsError``) while the folder holds any; with ``True`` a same-named
+            save replaces one and the rest are deleted once this run's first checkpoint is
+            committed, so ``latest()`` never mixes two runs.
 
     Every rank calls every method; the master decides (what is whose, what to delete) and only
     the master deletes. Local paths only: object-store URLs work with
@@ -117,7 +122,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ saving
     def should_save(self, step: int) -> bool:
-        """Whether :meth:`save` at ``step`` writes (``save_every`` divides it, or no ``save_every``)."""
+        """Whether :meth:`save` at ``step`` writes (``save_every`` divides it, or no ``save_every``).
+
+        Args:
+            step: the step the loop is at.
+        """
         return self.save_every is None or step % self.save_every == 0
 
     def save(
@@ -140,6 +149,16 @@ class CheckpointManager:
         never before. A step this run already saved (or resumed from) is replaced atomically.
         Raises ``CheckpointExistsError`` on every rank, writing nothing, while ``save_dir`` holds
         checkpoints that are not this run's (see ``discard_existing``).
+
+        Args:
+            model: the boosted model.
+            optimizer: its optimizer (or None).
+            lr_scheduler: its scheduler (or None).
+            epoch: the epoch the loop is in.
+            step: the step within the epoch (``sample_start_index = step * batch_size``).
+            batch_size: the batch size per rank.
+            force: save even when ``save_every`` does not divide ``step``.
+            kwargs: passed to :func:`ckptio.training.save_checkpoint`.
         """
         if not force and not self.should_save(step):
             return None
@@ -316,6 +335,12 @@ class CheckpointManager:
         ``checkpoint-N/``, accelerate's automatic ``checkpoint_N/`` (pass its ``checkpoints``
         folder). A run moves over with its first resume; its next saves are ckptio's, in the same
         folder, and the other tool's folders are never replaced or deleted.
+
+        Args:
+            model: the boosted model to load into.
+            optimizer: its optimizer (or None).
+            lr_scheduler: its scheduler (or None).
+            kwargs: passed to :func:`ckptio.training.load_checkpoint`.
         """
         newest_first = collective_step(
             self._group,

@@ -130,9 +130,7 @@ def test_load_options(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ns = run_section(README, LOAD_OPTIONS)
     state = ns["model"].state_dict()
-    assert [(c.key, c.from_dtype, c.to_dtype) for c in ns["report"].cast] == [
-        (k, "float32", "bfloat16") for k in state
-    ]
+    assert [(c.key, c.from_dtype, c.to_dtype) for c in ns["report"].cast] == [(k, "float32", "bfloat16") for k in state]
     assert "4 cast to the model's dtype: 0.weight: float32 -> bfloat16" in capsys.readouterr().out
     _assert_same_state(ns["bf16"].state_dict(), {k: v.to(torch.bfloat16) for k, v in state.items()})
     assert all(v.device.type == "cpu" for v in ns["empty"].state_dict().values())

@@ -45,7 +45,16 @@ def _check_threads(num_threads: int) -> int:
 
 
 class CheckpointIO(ABC):
-    """Saves and loads model, optimizer and LR scheduler state for one parallel layout."""
+    """Saves and loads model, optimizer and LR scheduler state for one parallel layout.
+
+    Public methods take ColossalAI's argument names and defaults and are collective: every
+    rank calls them. ``last_load_report`` holds the :class:`LoadReport` of the last
+    :meth:`load_model`, which returns the model as ColossalAI's does.
+    """
+
+    #: the report of the last :meth:`load_model` (missing, unexpected and mismatched keys), which
+    #: returns the model as ColossalAI's does; ``Booster.load_model`` returns this report
+    last_load_report: LoadReport | None = None
 
     # ------------------------------------------------------------------ model
     def save_model(
@@ -60,7 +69,18 @@ class CheckpointIO(ABC):
         use_async: bool = False,
     ) -> None:
         """Save model weights: one file at ``checkpoint``, or (``shard=True``) a folder of
-        shards of at most ``size_per_shard`` MiB with a Hugging Face index."""
+        shards of at most ``size_per_shard`` MiB with a Hugging Face index.
+
+        Args:
+            model: the model (wrapped or not); its tied tensors are saved once.
+            checkpoint: the file or folder path, local or an fsspec URL.
+            shard: a folder of shards and an index instead of one file.
+            gather_dtensor: kept for ColossalAI's signature: files always hold full tensors.
+            prefix: goes into file names (``pytorch_model.ema-00001-of-00002.bin``).
+            size_per_shard: the largest shard, in MiB.
+            use_safetensors: safetensors instead of ``torch.save`` files.
+            use_async: stage into host buffers and write in the background (:meth:`wait`).
+        """
         opts = ModelSaveOptions(
             shard=bool(shard),
             prefix=check_prefix(prefix),
@@ -83,16 +103,8 @@ class CheckpointIO(ABC):
         *,
         key_map: KeyMap | None = None,
         allow_dtype_cast: bool = True,
-    ) -> LoadReport:
+    ) -> nn.Module:
         """Load weights saved in any supported layout into ``model`` in place.
-
-        Returns the report of missing / unexpected / mismatched keys (empty when all fit) and
-        of the tensors cast to the model's dtype; with ``strict=True`` a misfit raises instead,
-        before anything is loaded. ``num_threads`` shard files are read at once (each rank
-        reads only its own boxes). ``low_cpu_mem_mode`` is accepted for ColossalAI's
-        signature: loading always streams shard by shard straight into the live tensors, so
-        extra memory stays below one shard either way. ``verify=True`` checks every checksum
-        of the manifest first.
 
         ``key_map`` renames checkpoint keys to model keys: a dict (keys it does not name keep
         their name) or a function; a key mapped to None is dropped (neither loaded nor
@@ -105,6 +117,23 @@ class CheckpointIO(ABC):
         difference a mismatch. Casts that change values (integer <-> floating point, bool,
         narrowing integers) are always mismatches. Tensors on the ``meta`` device are
         materialised on the CPU with the loaded values.
+
+        Args:
+            model: the model (wrapped or not) to load into.
+            checkpoint: the file, folder or index JSON, local or an fsspec URL.
+            strict: a missing, unexpected or mismatched key raises :class:`StateMismatchError`
+                (all of them listed) before anything is loaded; False loads what fits.
+            low_cpu_mem_mode: kept for ColossalAI's signature: loading always streams shard by
+                shard straight into the live tensors, so extra memory stays below one shard.
+            num_threads: shard files read at once (each rank reads only its own boxes).
+            verify: check every checksum of the manifest first.
+            key_map: checkpoint key -> model key (dict or function; None drops a key), as above.
+            allow_dtype_cast: cast tensors stored in another dtype (False: a mismatch).
+
+        Returns:
+            ``model`` itself, as ColossalAI's ``CheckpointIO.load_model`` does (code written for
+            it says ``model = checkpoint_io.load_model(model, path)``); the report of missing,
+            unexpected, mismatched and cast keys is :attr:`last_load_report` (empty when all fit).
         """
         num_threads = _check_threads(num_threads)
         key_mapper(key_map)  # a key_map of the wrong type is a TypeError before anything is read
@@ -113,7 +142,7 @@ class CheckpointIO(ABC):
             track_io("load model", lambda: module_nbytes(model), direction="read"),
             readable(path, ranged=True) as local,
         ):
-            return self._load_model(
+            self.last_load_report = self._load_model(
                 model,
                 local,
                 strict=bool(strict),
@@ -123,6 +152,7 @@ class CheckpointIO(ABC):
                 key_map=key_map,
                 allow_dtype_cast=bool(allow_dtype_cast),
             )
+        return model
 
     # ------------------------------------------------------------------ optimizer
     def save_optimizer(
@@ -135,7 +165,17 @@ class CheckpointIO(ABC):
         size_per_shard: int = 1024,
         use_async: bool = False,
     ) -> None:
-        """Save optimizer state: one file, or (``shard=True``) a folder of shards."""
+        """Save optimizer state: one file, or (``shard=True``) a folder of shards.
+
+        Args:
+            optimizer: the optimizer (its parameters' names come from the model it was boosted with).
+            checkpoint: the file or folder path, local or an fsspec URL.
+            shard: a folder of shards and an index, in :attr:`optimizer_layout`'s layout.
+            gather_dtensor: kept for ColossalAI's signature: files always hold full tensors.
+            prefix: goes into file names, so saves with different prefixes share a folder.
+            size_per_shard: the largest shard, in MiB.
+            use_async: stage into host buffers and write in the background (:meth:`wait`).
+        """
         prefix, max_shard_bytes = check_prefix(prefix), _check_size_per_shard(size_per_shard)
         path = _check_path(checkpoint)
         self.wait()
@@ -157,10 +197,15 @@ class CheckpointIO(ABC):
         num_threads: int = 1,
         verify: bool = False,
     ) -> None:
-        """Load optimizer state saved in any supported layout into ``optimizer``.
+        """Load optimizer state saved in any supported layout into ``optimizer``; nothing
+        changes unless the saved state fits (names, groups, shapes).
 
-        ``low_cpu_mem_mode`` and ``num_threads`` are accepted for ColossalAI's signature; the
-        state is read shard by shard on one thread. ``verify=True`` checks every checksum first.
+        Args:
+            optimizer: the optimizer to load into.
+            checkpoint: the file, folder or index JSON, local or an fsspec URL.
+            low_cpu_mem_mode: kept for ColossalAI's signature.
+            num_threads: kept for ColossalAI's signature: the state is read on one thread.
+            verify: check every checksum of the manifest first.
         """
         num_threads = _check_threads(num_threads)
         with readable(_check_path(checkpoint), ranged=True) as local:
@@ -170,13 +215,23 @@ class CheckpointIO(ABC):
 
     # ------------------------------------------------------------------ lr scheduler
     def save_lr_scheduler(self, lr_scheduler: Any, checkpoint: PathLike) -> None:
-        """Save an LR scheduler's ``state_dict()`` (JSON when every value allows)."""
+        """Save an LR scheduler's ``state_dict()`` (JSON when every value allows).
+
+        Args:
+            lr_scheduler: the scheduler.
+            checkpoint: the file path (``.pt``/``.pth``/``.bin`` asks for a ``torch.save`` file).
+        """
         path = _check_path(checkpoint)
         self.wait()
         self._save_lr_scheduler(lr_scheduler, path)
 
     def load_lr_scheduler(self, lr_scheduler: Any, checkpoint: PathLike) -> None:
-        """Load an LR scheduler's state saved by ckptio or ColossalAI."""
+        """Load an LR scheduler's state saved by ckptio or ColossalAI.
+
+        Args:
+            lr_scheduler: the scheduler to load into (another scheduler's state is refused).
+            checkpoint: the file, local or an fsspec URL.
+        """
         with readable(_check_path(checkpoint)) as local:
             self._load_lr_scheduler(lr_scheduler, local)
 

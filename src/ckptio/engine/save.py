@@ -26,7 +26,7 @@ from ckptio.engine.spread import HeldSpread, SpreadOf
 from ckptio.engine.tensors import can_stage_parts, stage_parts
 from ckptio.engine.write import WriteSpec, replica_writer_of_each_key, write_state
 from ckptio.storage.atomic import new_token
-from ckptio.storage.base import FileRecord, FileWriter
+from ckptio.storage.base import FileRecord, FileWriter, check_abandoned
 from ckptio.storage.location import new_commit
 
 Metadata = Callable[[FilePlan], dict[str, bytes]]
@@ -196,6 +196,7 @@ def save_parts(
         def finish() -> None:
             if not is_master:
                 return
+            check_abandoned(where)  # an exit that stopped waiting: abort rather than commit half a job
             flat = [r for records in per_rank for r in records]
             # who really wrote each weights file: the records each rank returned
             writers = {rec.name: rank for rank, records in enumerate(per_rank) for rec in records if rec.holds_tensors}

@@ -5,6 +5,10 @@ things plain JSON loses: tuples (``betas``), scalar tensors (Adam's ``step`` wit
 dtype), small tensors (a tensor ``lr``). Those are written as one-key objects with a
 reserved tag, so ``decode(encode(x)) == x`` with the same Python and torch types.
 Floats go through Python's ``repr`` (exact for float64, hence for float32 and bfloat16).
+JSON has no infinity or NaN (``json.dumps`` writes ``Infinity``, which other parsers refuse;
+ReduceLROnPlateau's ``best`` starts at ``inf``), so those are tagged: ``{"__float__": "inf"}``,
+``"-inf"``, ``"nan"``, or the 64 bits in hex (``"0xfff8000000000000"``) for any other NaN, so
+the bits come back exactly. Files written before the tag (bare ``Infinity``) still read.
 
 Optimizer state may hold tensors anywhere inside lists, tuples and dicts (LBFGS's ``old_dirs``);
 ``encode(..., on_tensor=...)`` lets the caller replace each one by a reference to a file
@@ -17,6 +21,8 @@ Optimizer state may hold tensors anywhere inside lists, tuples and dicts (LBFGS'
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +35,8 @@ TENSOR_TAG = "__tensor__"
 DICT_TAG = "__dict__"  # a real dict whose only key happens to be one of the tags
 REF_TAG = "__ref__"  # a tensor stored elsewhere (``on_tensor`` / ``on_ref``)
 ITEMS_TAG = "__items__"  # a dict with keys that are not all strings (``any_keys``)
-_TAGS = (TUPLE_TAG, TENSOR_TAG, DICT_TAG, REF_TAG, ITEMS_TAG)
+FLOAT_TAG = "__float__"  # infinity or NaN, which JSON cannot write
+_TAGS = (TUPLE_TAG, TENSOR_TAG, DICT_TAG, REF_TAG, ITEMS_TAG, FLOAT_TAG)
 # Tensors larger than this belong in safetensors, not in JSON.
 MAX_JSON_TENSOR_ELEMENTS = 4096
 
@@ -60,7 +67,9 @@ def encode(value: Any, where: str = "", on_tensor: TensorHook | None = None, *, 
 def _encode(value: Any, where: str, pos: Position, on_tensor: TensorHook | None, any_keys: bool = False) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
-    if isinstance(value, int | float):
+    if isinstance(value, float):
+        return encode_float(value)
+    if isinstance(value, int):
         return value
     if isinstance(value, tuple):
         return {TUPLE_TAG: [_encode(v, f"{where}[{i}]", (*pos, i), on_tensor, any_keys) for i, v in enumerate(value)]}
@@ -91,6 +100,42 @@ def _plain_key(key: Any) -> bool:
     return type(key) is tuple and all(_plain_key(k) for k in key)
 
 
+def _bits(x: float) -> int:
+    return struct.unpack("<Q", struct.pack("<d", x))[0]
+
+
+_NAMED = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+_NAMED_BITS = {_bits(v): name for name, v in _NAMED.items()}
+
+
+def encode_float(x: float) -> float | dict[str, str]:
+    """``x`` itself when finite, else its tagged form (see the module doc)."""
+    if math.isfinite(x):
+        return x
+    bits = _bits(x)
+    return {FLOAT_TAG: _NAMED_BITS.get(bits, f"0x{bits:016x}")}
+
+
+def decode_float(body: Any) -> float | None:
+    """The float of a ``__float__`` tag's body, or None when it is not one."""
+    if not isinstance(body, str):
+        return None
+    if body in _NAMED:
+        return _NAMED[body]
+    if body.startswith("0x") and len(body) == 18:
+        try:
+            return struct.unpack("<d", struct.pack("<Q", int(body, 16)))[0]
+        except ValueError:
+            return None
+    return None
+
+
+def _floats_tagged(data: Any) -> Any:
+    if isinstance(data, list):
+        return [_floats_tagged(v) for v in data]
+    return encode_float(data) if isinstance(data, float) else data
+
+
 def has_exact_form(tensor: torch.Tensor) -> bool:
     """Whether :func:`encode_tensor` can write ``tensor`` (its dtype and size; not its type)."""
     return not tensor.is_complex() and tensor.numel() <= MAX_JSON_TENSOR_ELEMENTS and tensor.dtype in _JSON_DTYPES
@@ -101,7 +146,8 @@ def encode_tensor(tensor: torch.Tensor, where: str = "") -> dict[str, Any]:
         raise NotJSONable(where, tensor)
     cpu = tensor.detach().cpu()
     data = cpu.item() if cpu.dim() == 0 else cpu.to(_JSON_DTYPES[cpu.dtype]).tolist()
-    out: dict[str, Any] = {"dtype": dtypes.to_name(tensor.dtype), "shape": list(tensor.shape), "data": data}
+    out: dict[str, Any] = {"dtype": dtypes.to_name(tensor.dtype), "shape": list(tensor.shape)}
+    out["data"] = _floats_tagged(data)
     if tensor.device.type != "cpu":
         out["device"] = str(tensor.device)
     return out
@@ -139,6 +185,8 @@ def decode(value: Any, on_ref: Callable[[Any], Any] | None = None) -> Any:
                 return dict(_item(pair, on_ref) for pair in _expect(body, list, tag))
             if tag == REF_TAG and on_ref is not None:
                 return on_ref(body)
+            if tag == FLOAT_TAG and (number := decode_float(body)) is not None:
+                return number
         return {k: decode(v, on_ref) for k, v in value.items()}
     return value
 
@@ -158,7 +206,7 @@ def decode_tensor(body: dict[str, Any]) -> torch.Tensor:
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ValueError(f"tagged tensor has an invalid shape {shape!r}")
     try:
-        tensor = torch.tensor(body.get("data"), dtype=dtype)
+        tensor = torch.tensor(decode(body.get("data")), dtype=dtype)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"tagged tensor data does not fit {dtype}: {exc}") from exc
     if list(tensor.shape) != shape:

@@ -51,6 +51,13 @@ class LoadReport:
     model tensor takes) and ``mismatched`` (shapes, or dtypes that are not cast) make a load
     not ``ok``; ``cast`` (tensors converted to the model's dtype) and ``dropped_keys``
     (checkpoint keys a ``key_map`` dropped) are what a good load did.
+
+    Args:
+        missing_keys: live keys the checkpoint does not hold (left as they were).
+        unexpected_keys: checkpoint keys the live state does not have (not loaded).
+        mismatched: keys in both with another shape, or a dtype that is not cast (not loaded).
+        cast: tensors loaded after a dtype cast into the live tensor's dtype.
+        dropped_keys: checkpoint keys a ``key_map`` dropped on purpose.
     """
 
     missing_keys: list[str] = field(default_factory=list)
@@ -61,9 +68,15 @@ class LoadReport:
 
     @property
     def ok(self) -> bool:
+        """True when every key was loaded and nothing was left over."""
         return not (self.missing_keys or self.unexpected_keys or self.mismatched)
 
     def describe(self, limit: int = 20) -> str:
+        """One line per kind of problem, for messages.
+
+        Args:
+            limit: the most keys listed per kind (the rest are counted).
+        """
         parts = []
         for title, items in (
             ("missing from the checkpoint", self.missing_keys),

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptio.errors import CheckpointWriteError
-from ckptio.formats.naming import DELETE_MARK, MANIFEST, OLD_MARK, TMP_MARK
+from ckptio.formats.naming import COMMIT_MARKER, DELETE_MARK, MANIFEST, OLD_MARK, REMOTE_VERSION_PREFIX, TMP_MARK
 from ckptio.storage.base import Commit, FileRecord
 from ckptio.storage.local import LocalFileWriter, fsync_dir
 from ckptio.storage.manifest import Manifest, read_manifest
@@ -177,7 +177,7 @@ class FolderCommit(Commit):
             return carried
         for entry in self.target.iterdir():
             name = entry.name
-            if name == MANIFEST or self.owns(name) or (self.staging / name).exists():
+            if name == MANIFEST or self.owns(name) or (self.staging / name).exists() or _synced_commit(name):
                 continue
             dest = self.staging / name
             if entry.is_dir() and not entry.is_symlink():
@@ -235,6 +235,12 @@ def swap_into_place(staged: Path, target: Path, token: str) -> None:
         raise
     fsync_dir(target.parent)
     _remove(aside)
+
+
+def _synced_commit(name: str) -> bool:
+    """The marker and versions of an object-store checkpoint synced down to this folder: a local
+    save replaces them (kept, the marker would still name the old version to every reader)."""
+    return name == COMMIT_MARKER or name.startswith(REMOTE_VERSION_PREFIX)
 
 
 def _link_or_copy(src, dst) -> None:

@@ -7,6 +7,7 @@ not in a second pass). The commit protocol lives in :mod:`ckptio.storage.atomic`
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,7 +15,26 @@ from typing import BinaryIO
 
 import xxhash
 
+from ckptio.errors import CheckpointWriteError
+
 CHECKSUM_ALGORITHM = "xxh3_128"
+_ABANDONED = threading.Event()
+
+
+class WritesAbandoned(CheckpointWriteError):
+    """The process is exiting and was told not to wait: the save stops and removes what it staged."""
+
+
+def abandon_writes() -> None:
+    """Make every write in flight in this process fail at its next piece, so each save aborts
+    (its staging removed by its own thread) instead of being killed mid-file at exit. Called
+    when the interpreter's exit, waiting for an async save, is interrupted again (Ctrl-C)."""
+    _ABANDONED.set()
+
+
+def check_abandoned(path: str | None = None) -> None:
+    if _ABANDONED.is_set():
+        raise WritesAbandoned("save abandoned: the process is exiting, interrupted; nothing committed", path=path)
 
 
 def new_hasher():
@@ -46,6 +66,7 @@ class HashingStream:
         self.size = 0
 
     def write(self, data) -> int:
+        check_abandoned()
         view = memoryview(data).cast("B")
         self._hasher.update(view)
         written = 0

@@ -27,7 +27,6 @@ run unchanged; the temporary folder is ``$CKPTIO_TMPDIR`` or the system default.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -37,19 +36,17 @@ from typing import Any
 
 from ckptio.errors import (
     CheckpointError,
-    CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointWriteError,
 )
 from ckptio.formats.naming import COMMIT_MARKER, MANIFEST, REMOTE_VERSION_PREFIX
 from ckptio.progress import Progress
 from ckptio.storage import reading
-from ckptio.storage.base import Commit, FileRecord, FileWriter, HashingStream, new_hasher
+from ckptio.storage.base import Commit, FileRecord, FileWriter, HashingStream, check_abandoned, new_hasher
+from ckptio.storage.marker import MAX_MARKER_BYTES, incomplete, marker_bytes, parse_marker
 from ckptio.storage.urls import is_url, url_basename
 
 _CHUNK = 8 * 1024 * 1024
-MARKER_FORMAT = "ckptio-commit"
-MARKER_VERSION = 1
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):
@@ -101,6 +98,7 @@ class FsspecFileWriter(FileWriter):
         fh = self._open_object(name)
         try:
             for chunk in chunks:
+                check_abandoned(self._where(name))
                 view = memoryview(chunk).cast("B")
                 hasher.update(view)
                 fh.write(view)
@@ -139,28 +137,10 @@ def read_marker(fs, root: str) -> str | None:
     marker = _join(root, COMMIT_MARKER)
     try:
         with fs.open(marker, "rb") as fh:
-            raw = fh.read(1024 * 1024)
+            raw = fh.read(MAX_MARKER_BYTES)
     except FileNotFoundError:
         return None
-    where = fs.unstrip_protocol(marker)
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointFormatError(f"commit marker is not valid JSON: {exc}", path=where) from exc
-    version = body.get("version") if isinstance(body, dict) else None
-    if (
-        not isinstance(body, dict)
-        or body.get("format") != MARKER_FORMAT
-        or not isinstance(version, str)
-        or not version.startswith(REMOTE_VERSION_PREFIX)
-        or "/" in version
-    ):
-        raise CheckpointFormatError("commit marker is malformed (expected a ckptio-commit version)", path=where)
-    if not isinstance(body.get("format_version"), int) or body["format_version"] > MARKER_VERSION:
-        raise CheckpointFormatError(
-            f"commit marker format_version {body.get('format_version')!r} unsupported", path=where
-        )
-    return version
+    return parse_marker(raw, where=fs.unstrip_protocol(marker))
 
 
 @dataclass(frozen=True)
@@ -190,11 +170,7 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> RemoteCh
     except Exception as exc:
         raise CheckpointError(f"cannot list: {exc}", path=url) from exc
     if any(n.startswith(REMOTE_VERSION_PREFIX) for n in names):
-        raise CheckpointNotFoundError(
-            f"incomplete checkpoint: files were uploaded but the commit marker {COMMIT_MARKER} was never "
-            "written (the save was interrupted); it is not loaded",
-            path=url,
-        )
+        raise incomplete(url)
     if not names:
         raise CheckpointNotFoundError("checkpoint does not exist", path=url)
     # A folder put there by another tool (e.g. a Hugging Face upload): read as it is.
@@ -318,8 +294,7 @@ class RemoteFolderCommit(Commit):
         files = {rec.name: rec for rec in records}
         # The manifest goes after every file it lists, so even the version folder is never half-described.
         self.writer.write(MANIFEST, [Manifest(files, dict(manifest_extra or {})).to_bytes()])
-        body = {"format": MARKER_FORMAT, "format_version": MARKER_VERSION, "version": self.version, "files": len(files)}
-        commit_marker(self.fs, self.root, body)
+        commit_marker(self.fs, self.root, marker_bytes(self.version, len(files)))
         prune_versions(self.fs, self.root, keep=self.version)
 
     def abort(self) -> None:
@@ -355,9 +330,9 @@ class RemoteFileCommit(Commit):
         """Nothing to drop: a failed upload never becomes an object."""
 
 
-def commit_marker(fs, root: str, body: dict[str, Any]) -> None:
+def commit_marker(fs, root: str, body: bytes) -> None:
     """Write the marker: the one PUT that makes a new version the checkpoint."""
-    FsspecFileWriter(fs, root).write(COMMIT_MARKER, [(json.dumps(body, indent=1) + "\n").encode("utf-8")])
+    FsspecFileWriter(fs, root).write(COMMIT_MARKER, [body])
 
 
 def prune_versions(fs, root: str, *, keep: str) -> list[str]:

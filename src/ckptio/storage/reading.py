@@ -37,6 +37,7 @@ class RemoteFile:
     def __init__(self, obj: RemoteObject) -> None:
         self.obj = obj
         self.size = obj.size
+        self.identity = ("remote", obj.path, obj.size)  # a stored version is immutable: its name and size
 
     def read_into(self, offset: int, view: memoryview) -> int:
         end = min(offset + len(view), self.size)

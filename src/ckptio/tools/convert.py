@@ -192,6 +192,16 @@ def convert_checkpoint(
     (``fmt``: ``"safetensors"`` or ``"bin"``), ``config.json`` and ``generation_config.json``
     copied along. A training checkpoint's model part is converted; an optimizer is refused.
     The write commits atomically like every save; ``dst`` may be a URL.
+
+    Args:
+        src: a model checkpoint in any layout we read, local or an fsspec URL.
+        dst: the file or folder to write.
+        size_per_shard: the largest shard of a folder ``dst``, in MiB.
+        fmt: ``"safetensors"`` or ``"bin"`` for a folder ``dst``.
+        overwrite: replace an existing ``dst`` (atomically); else it is refused.
+        quiet: no progress bar.
+        key_map: renames keys on the way (a dict, or a function returning the new key or None to
+            leave the tensor out).
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")

@@ -61,13 +61,22 @@ parse_checkpoint_name = naming.parse_checkpoint_name
 
 
 def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:
-    """Write ``data`` as JSON to ``file_path``, atomically (ColossalChat's helper)."""
+    """Write ``data`` as JSON to ``file_path``, atomically (ColossalChat's helper).
+
+    Args:
+        data: a JSON-able dict.
+        file_path: the file, local or an fsspec URL.
+    """
     body = (json.dumps(data, indent=4) + "\n").encode("utf-8")
     save_parts(normalize(file_path), [FilesPart({"json": body}, master_only=False)], Group.of_one(), folder=False)
 
 
 def load_json(file_path: str | os.PathLike) -> dict[str, Any]:
-    """Read a JSON object (ColossalChat's helper); errors name the file."""
+    """Read a JSON object (ColossalChat's helper); errors name the file.
+
+    Args:
+        file_path: the file, local or an fsspec URL.
+    """
     with readable(file_path) as local:
         data = read_json_file(local, what="JSON file")
     if not isinstance(data, dict):
@@ -113,6 +122,27 @@ def save_checkpoint(
     and committed in the background (``booster.wait()`` makes it durable). Returns the path.
     An existing ``epoch-E_step-S`` folder is replaced atomically, whichever run wrote it
     (:class:`ckptio.CheckpointManager` is what refuses to overwrite another run's checkpoints).
+
+    Args:
+        save_dir: the run's folder, local or an fsspec URL.
+        booster: the Booster whose CheckpointIO writes the parts.
+        model: the boosted model (saved sharded, in ``modeling/``).
+        optimizer: its optimizer, or None (saved in ``optimizer/``).
+        lr_scheduler: its scheduler, or None (saved as ``lr_scheduler``).
+        epoch: the epoch the loop is in.
+        step: the step within the epoch.
+        batch_size: the batch size per rank.
+        coordinator: the ranks saving together (default: the default group's).
+        sampler: a :class:`StatefulDistributedSampler` whose state is saved.
+        size_per_shard: the largest shard, in MiB.
+        use_safetensors: safetensors model shards (``torch.save`` ones when False).
+        use_async: stage now, write and commit in the background.
+        extra_states: JSON values stored in ``running_states.json`` under ``extra_states``.
+        stateful: ``{name: object}`` with ``state_dict``/``load_state_dict`` (an EMA, a data
+            loader), saved under ``stateful/<name>`` and restored by :func:`load_checkpoint`.
+
+    Returns:
+        The checkpoint's path (a URL for a URL ``save_dir``).
     """
     epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
     stateful = check_stateful(stateful)
@@ -187,6 +217,22 @@ def load_checkpoint(
     raises before the live model, optimizer, scheduler, sampler, stateful objects or RNG change;
     on several ranks every rank raises the same error: ``StateMismatchError`` when the checkpoint
     does not fit the job (on any rank), else the kind of damage found.
+
+    Args:
+        load_dir: the ``epoch-E_step-S`` folder (or another tool's training folder), local or an fsspec URL.
+        booster: the Booster whose CheckpointIO reads the parts.
+        model: the boosted model to load into.
+        optimizer: its optimizer, or None (not loaded).
+        lr_scheduler: its scheduler, or None (not loaded).
+        sampler: a :class:`StatefulDistributedSampler` to restore, when its state was saved.
+        strict: a model that does not fit raises (False: load what fits).
+        verify: check every file's checksum against the manifest first.
+        restore_rng: put back this rank's Python, NumPy, torch CPU and CUDA generators.
+        stateful: objects with ``state_dict``/``load_state_dict`` saved by ``save_checkpoint(stateful=...)``,
+            by the names they were saved with.
+
+    Returns:
+        ``(epoch, step, sample_start_index)``.
     """
     with readable(load_dir, ranged=True) as local:
         return _load_checkpoint(

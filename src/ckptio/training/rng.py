@@ -34,7 +34,11 @@ def _from_b64(text: str) -> torch.Tensor:
 
 
 def capture_rng_state(rank: int = 0) -> dict[str, Any]:
-    """Every global generator's state, JSON-ready."""
+    """Every global generator's state (Python, NumPy, torch CPU and every CUDA device), JSON-ready.
+
+    Args:
+        rank: recorded in the state, so a file restored on another rank is noticed.
+    """
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "format": FORMAT,
@@ -101,7 +105,12 @@ def rng_state_bytes(rank: int = 0) -> bytes:
 
 
 def restore_rng_state(state: Any, *, path: str | None = None) -> None:
-    """Put every generator back; CUDA states are restored for the devices present."""
+    """Put every generator back; CUDA states are restored for the devices present.
+
+    Args:
+        state: what :func:`capture_rng_state` returned (checked whole before anything moves).
+        path: the file it came from, for error messages.
+    """
     prepare_rng_restore(state, path=path)()
 
 

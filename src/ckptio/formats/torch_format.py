@@ -90,7 +90,11 @@ def describe(obj: Any) -> str | None:
 
 def _not_weights(what: str) -> str:
     """The message for a state of another kind where weights were expected, with the call that loads it."""
-    call = "booster.load_optimizer" if "optimizer" in what else "booster.load_lr_scheduler" if "scheduler" in what else ""
+    call = ""
+    if "optimizer" in what:
+        call = "booster.load_optimizer"
+    elif "scheduler" in what:
+        call = "booster.load_lr_scheduler"
     return f"this is {what}, not model weights" + (f" (load it with {call})" if call else "")
 
 

@@ -58,14 +58,23 @@ class CheckpointIO(ABC):
         size_per_shard: int = 1024,
         use_safetensors: bool = False,
         use_async: bool = False,
+        *,
+        only_trainable: bool = False,
     ) -> None:
         """Save model weights: one file at ``checkpoint``, or (``shard=True``) a folder of
-        shards of at most ``size_per_shard`` MiB with a Hugging Face index."""
+        shards of at most ``size_per_shard`` MiB with a Hugging Face index.
+
+        ``only_trainable=True`` leaves out the frozen parameters (``requires_grad=False``; buffers
+        are always saved) and records their names, so a strict load into a model that already
+        holds them (its base weights) loads the rest and lists them in ``report.frozen_keys``.
+        A one-file save needs a ``.safetensors`` path for it (a torch file has nowhere to record
+        them)."""
         opts = ModelSaveOptions(
             shard=bool(shard),
             prefix=check_prefix(prefix),
             max_shard_bytes=_check_size_per_shard(size_per_shard),
             use_safetensors=bool(use_safetensors),
+            only_trainable=bool(only_trainable),
         )
         path = _check_path(checkpoint)
         self.wait()  # at most one save in flight: a save never races the previous async one
@@ -177,6 +186,17 @@ class CheckpointIO(ABC):
         with readable(_check_path(checkpoint)) as local:
             self._load_lr_scheduler(lr_scheduler, local)
 
+    # ------------------------------------------------------------------ LoRA
+    def save_lora_as_pretrained(self, model: nn.Module, checkpoint: PathLike, use_safetensors: bool = True) -> None:
+        """Save the LoRA adapters of ``model`` (made by ``booster.enable_lora``) as peft's folder:
+        ``adapter_model.safetensors`` (``.bin`` with ``use_safetensors=False``) and
+        ``adapter_config.json``, which ``peft.PeftModel.from_pretrained(base_model, checkpoint)``
+        loads; only the adapters are written, from every rank's shards. One atomic commit; other
+        files in an existing folder are kept."""
+        path = _check_path(checkpoint)
+        self.wait()
+        self._save_lora(model, path, use_safetensors=bool(use_safetensors))
+
     # ------------------------------------------------------------------ async
     @property
     def async_saver(self) -> AsyncSaver:
@@ -204,6 +224,9 @@ class CheckpointIO(ABC):
     def _load_model(
         self, model, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify, key_map, allow_dtype_cast
     ) -> LoadReport: ...
+
+    @abstractmethod
+    def _save_lora(self, model, checkpoint: str, *, use_safetensors: bool) -> None: ...
 
     @abstractmethod
     def _save_optimizer(self, optimizer, checkpoint: str, **kwargs) -> None: ...

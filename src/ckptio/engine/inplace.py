@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -199,7 +200,7 @@ def _hash_step(pieces: Pieces, state: dict, step: Step, spreads, rank: int) -> N
 
 def write_in_place(
     state: dict, plan: FilePlan, meta: Meta, spreads: dict[str, Spread], writer: FileWriter,
-    group: Group, names: list[str], metadata: dict[str, str] | None = None,
+    group: Group, names: list[str], metadata: dict[str, str] | None = None, static: Collection[str] = (),
 ) -> list[FileRecord]:  # fmt: skip
     """Create, fill and check every file of ``plan`` from every rank (collective); returns the
     records of the files this rank owns. Any rank's failure is raised on every rank.
@@ -208,14 +209,15 @@ def write_in_place(
     whose boxes are all contiguous, the box this rank writes (if any); the others are collected
     on the file's owner. ``metadata``: the ``__metadata__`` of the headers.
 
-    A file for which :attr:`FileWriter.reuse` holds a file of the same size is first hashed
-    piece by piece on every rank; if an earlier save from the same layout wrote the same pieces
-    (the fingerprints agree), the owner links that file and nobody writes it.
+    A file of ``static`` tensors for which :attr:`FileWriter.reuse` holds a file of the same
+    size is first hashed piece by piece on every rank; if an earlier save from the same layout
+    wrote the same pieces (the fingerprints agree), the owner links that file and nobody writes it.
     """
     rank = group.rank
     layouts = [file_layout(names[i], keys, meta, metadata) for i, (_, keys) in enumerate(plan.files)]
     steps = rank_steps(plan, meta, spreads, layouts, rank)
-    reused = _link_unchanged(state, plan, spreads, layouts, steps, writer, group)
+    reusable = [i for i, (_, keys) in enumerate(plan.files) if set(keys) <= set(static)]
+    reused = _link_unchanged(state, plan, spreads, layouts, steps, writer, group, reusable)
     mine = [i for i in plan.files_of(rank) if i not in reused]
     collective_step(
         group,
@@ -276,14 +278,14 @@ def write_in_place(
     return written + [reused[i] for i in plan.files_of(rank) if i in reused]
 
 
-def _link_unchanged(state, plan: FilePlan, spreads, layouts, steps, writer: FileWriter, group: Group) -> dict:
+def _link_unchanged(state, plan: FilePlan, spreads, layouts, steps, writer: FileWriter, group: Group, files) -> dict:
     """The files an earlier checkpoint of :attr:`FileWriter.reuse` already holds, linked by
     their owners: ``{file index: record}`` (records on their owner only, the keys everywhere).
 
-    Only files of a size the index holds are hashed (every rank hashes its pieces of them, one
+    Only ``files`` (of static tensors) of a size the index holds are hashed (every rank hashes its pieces of them, one
     exchange of digests), so a save with nothing to reuse costs nothing here."""
     reuse = writer.reuse
-    candidates = [i for i, layout in enumerate(layouts) if reuse is not None and reuse.has_size(layout.size)]
+    candidates = [i for i in files if reuse is not None and reuse.has_size(layouts[i].size)]
     if not candidates:
         return {}
     rank = group.rank

@@ -216,10 +216,12 @@ def write_state(
     rank wrote. Any rank's failure is raised on every rank, after all of them finished the
     loop of collectives. ``file_name`` replaces the name of a one-file save (``spec.shard``
     False), e.g. the staging name of a single-file commit. ``static``: keys that do not change
-    between saves (frozen parameters), planned into shards of their own so the next save can
-    link them (every rank must pass the same; the ranks' agreement is checked with the keys).
-    A file whose bytes a checkpoint the writer may reuse already holds is linked from it
-    (:attr:`FileWriter.reuse`), not written.
+    between saves (frozen parameters), planned into shards of their own (every rank must pass
+    the same; the ranks' agreement is checked with the keys). A file of static tensors whose
+    bytes a checkpoint the writer may reuse already holds is linked from it
+    (:attr:`FileWriter.reuse`), not written; the content decides, the hint only says which
+    files are worth hashing first: the others hold trained tensors or optimizer state, which
+    every optimizer step changes, so they are written without that extra pass.
     """
     state = {k: without_partial(v) for k, v in state.items()}
     static = frozenset(k for k in static if k in state)
@@ -231,9 +233,9 @@ def write_state(
         names = [file_name if file_name is not None else prefix + name for name, _ in plan.files]
         meta = {k: (dt, shape) for k, dt, shape in described.keys}
         metadata = spec.one_file_metadata() if not plan.sharded else SAFETENSORS_METADATA
-        records = write_in_place(state, plan, meta, described.spreads, writer, group, names, metadata)
+        records = write_in_place(state, plan, meta, described.spreads, writer, group, names, metadata, static)
     else:
-        records, error = _write_files(state, plan, described.spreads, writer, spec, group, prefix, file_name)
+        records, error = _write_files(state, plan, described.spreads, writer, spec, group, prefix, file_name, static)
         report_errors(group, f"writing {spec.weights_name} files", error)
     return plan, [dataclasses.replace(r, holds_tensors=True) for r in records]
 
@@ -246,7 +248,7 @@ def _rounds(plan: FilePlan, world: int) -> list[list[int]]:
     return [[files[i] for files in per_owner if i < len(files)] for i in range(depth)]
 
 
-def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group: Group, prefix, file_name):
+def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group: Group, prefix, file_name, static):
     """The write loop: collect this round's files on their owners, then every owner hands its
     file to a writer thread. A local failure stops this rank's writing but not its part in the
     collectives; the error is reported after the loop."""
@@ -283,16 +285,17 @@ def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group:
                     if full is not None:
                         tensors.append((key, full))
                 if owner == rank:
-                    mine = (file_name if file_name is not None else prefix + name, tensors)
+                    mine = (file_name if file_name is not None else prefix + name, tensors, set(keys) <= static)
             if mine is None or error is not None:
                 continue
-            name, tensors = mine
+            name, tensors, reusable = mine
             if pool is None:
                 try:
                     records.append(
                         write_weights_file(
-                            writer, name, tensors, spec.use_safetensors, extra_state=extra, metadata=metadata
-                        )
+                            writer, name, tensors, spec.use_safetensors, extra_state=extra, metadata=metadata,
+                            reuse=reusable,
+                        )  # fmt: skip
                     )
                 except Exception as exc:  # noqa: BLE001 (reported to every rank after the loop)
                     error = exc
@@ -300,7 +303,7 @@ def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group:
                 pending.append(
                     pool.submit(
                         write_weights_file, writer, name, tensors, spec.use_safetensors,
-                        extra_state=extra, metadata=metadata,
+                        extra_state=extra, metadata=metadata, reuse=reusable,
                     )  # fmt: skip
                 )
             del mine, tensors
@@ -344,11 +347,13 @@ def write_weights_file(
     *,
     extra_state: str | None = None,
     metadata: dict[str, str] | None = None,
+    reuse: bool = False,
 ):
     """One weights file from ``(key, tensor)`` pairs (CPU or not, possibly :class:`Deferred`),
     with modules' non-tensor ``extra_state`` where the format keeps it and, in a safetensors
-    file, ``metadata`` entries. A safetensors file whose bytes a checkpoint the writer may
-    reuse already holds is linked from it (:meth:`FileWriter.write_or_link`)."""
+    file, ``metadata`` entries. With ``reuse`` (a file of static tensors), a safetensors file
+    whose bytes a checkpoint the writer may reuse already holds is linked from it
+    (:meth:`FileWriter.write_or_link`)."""
     if use_safetensors:
         header_metadata = {**SAFETENSORS_METADATA, **(metadata or {})}
         if extra_state is not None:
@@ -356,6 +361,8 @@ def write_weights_file(
         entries = [(k, t.dtype, tuple(t.shape)) for k, t in items]
         header = safetensors_format.build_header(entries, header_metadata)
         size = len(header) + sum(math.prod(shape) * dt.itemsize for _, dt, shape in entries)
+        if not reuse:
+            return writer.write(name, _safetensors_chunks(items, header))
         return writer.write_or_link(name, size, lambda: _safetensors_chunks(items, header))
     tensors: dict[str, object] = {k: _compact(t) for k, t in items}  # torch.save needs every tensor at once
     if extra_state is not None:

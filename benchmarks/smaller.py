@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="lora,half")
     parser.add_argument("--dir", default=None, help="where the checkpoints go (default: a temporary folder)")
     parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     base = Path(tempfile.mkdtemp(prefix="ckptio-smaller-", dir=args.dir))
     results = []
     try:

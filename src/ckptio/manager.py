@@ -35,7 +35,7 @@ from ckptio.errors import (
     DistributedCheckpointError,
     StateMismatchError,
 )
-from ckptio.formats.naming import OLD_MARK, TMP_MARK
+from ckptio.formats.naming import OLD_MARK, TMP_MARK, parse_foreign_checkpoint_name
 from ckptio.storage import atomic
 from ckptio.storage.location import is_url, local_path
 from ckptio.storage.manifest import read_manifest
@@ -313,6 +313,12 @@ class CheckpointManager:
         would not fit either, and starting over would overwrite the run's checkpoints. After a
         successful resume the checkpoints found here are this run's (saves may replace and
         rotate them); after None, :meth:`save` refuses while any are left (``discard_existing``).
+
+        When ``save_dir`` holds no ckptio checkpoint that loads, the checkpoints other tools left
+        there are tried, newest (highest number) first: a ``transformers.Trainer`` output folder's
+        ``checkpoint-N/``, accelerate's automatic ``checkpoint_N/`` (pass its ``checkpoints``
+        folder). A run moves over with its first resume; its next saves are ckptio's, in the same
+        folder, and the other tool's folders are never replaced or deleted.
         """
         newest_first = collective_step(
             self._group,
@@ -323,10 +329,12 @@ class CheckpointManager:
         checksums = bool(kwargs.get("verify"))
         for name in newest_first:
             path = Path(name)
+            foreign = parse_foreign_checkpoint_name(path.name) is not None
             try:
-                collective_step(
-                    self._group, f"checking {path}", lambda path=path: self._check(path, checksums=checksums)
-                )
+                if not foreign:  # another tool's folder has no running_states.json: load_checkpoint checks it
+                    collective_step(
+                        self._group, f"checking {path}", lambda path=path: self._check(path, checksums=checksums)
+                    )
             except (CheckpointError, OSError) as exc:
                 warnings.warn(f"skipping incomplete or damaged checkpoint {path}: {exc}", stacklevel=2)
                 continue
@@ -345,10 +353,17 @@ class CheckpointManager:
             except CheckpointError as exc:  # damage found by the checks: nothing was loaded, on any rank
                 warnings.warn(f"skipping incomplete or damaged checkpoint {path}: {exc}", stacklevel=2)
                 continue
-            self._ours.update(Path(n).name for n in newest_first)
+            self._ours.update(Path(n).name for n in newest_first if parse_foreign_checkpoint_name(Path(n).name) is None)
             return where
         return None
 
     def _list_for_resume(self) -> list[str]:
+        """ckptio's checkpoints, then other tools' (see :meth:`resume`), each newest first."""
         self._remove_leftovers()  # a checkpoint left renamed aside by a crash is put back first
-        return [str(e.path) for e in sorted(self._entries(), reverse=True)]
+        ours = [str(e.path) for e in sorted(self._entries(), reverse=True)]
+        foreign = sorted(
+            (p for p in self.save_dir.iterdir() if p.is_dir() and parse_foreign_checkpoint_name(p.name) is not None),
+            key=lambda p: parse_foreign_checkpoint_name(p.name),
+            reverse=True,
+        ) if self.save_dir.is_dir() else []  # fmt: skip
+        return ours + [str(p) for p in foreign]

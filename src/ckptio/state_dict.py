@@ -65,7 +65,7 @@ def load_into(
 ) -> LoadReport:
     """Copy a checkpoint's tensors into the existing tensors ``dest`` (by name), in place, with
     the options and report of :meth:`ckptio.CheckpointIO.load_model`."""
-    with readable(checkpoint) as local:
+    with readable(checkpoint, ranged=True) as local:
         return load_state(dest, local, Group.of_one(), strict=strict, verify=verify, key_map=key_map,
                           allow_dtype_cast=allow_dtype_cast)  # fmt: skip
 

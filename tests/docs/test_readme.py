@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tests.dist.harness import run_ranks
 from tests.docs.snippets import ROOT, python_blocks, run_block, run_section, section
 
@@ -42,6 +43,8 @@ SMALLER = "Smaller checkpoints: trainable-only, LoRA adapters, unchanged files l
 REMOTE = "Remote storage: `s3://` and any fsspec URL"
 CLI = "Command line: `ckptio inspect | verify | convert | diff`"
 SWAP_IMPORTS = "1. Swap the imports"
+FROM_TRAINER = "From `transformers.Trainer`"
+FROM_ACCELERATE = "From `accelerate`"
 
 # (file, heading) of every section with Python blocks -> the test that runs it
 CHECKED = {
@@ -56,6 +59,8 @@ CHECKED = {
     (README, REMOTE): "test_remote_storage_on_s3",
     (README, CLI): "test_tools_from_python",
     (MIGRATING, SWAP_IMPORTS): "test_migration_guide_imports",
+    (README, FROM_TRAINER): "test_from_trainer",
+    (README, FROM_ACCELERATE): "test_from_accelerate",
 }
 
 STEPS_PER_EPOCH, EPOCHS = 4, 3  # the training section's toy job: 32 samples, batches of 8
@@ -198,6 +203,52 @@ def test_migration_guide_imports(tmp_path, monkeypatch):
     assert list(inspect.signature(ns["load_checkpoint"]).parameters)[:5] == [
         "load_dir", "booster", "model", "optimizer", "lr_scheduler"
     ]  # fmt: skip
+
+
+def test_from_trainer(tmp_path, monkeypatch):
+    """The README's model trained by a real transformers.Trainer (8 steps, a checkpoint every 3), then
+    its checkpoint-6 loaded and the newest, checkpoint-8, resumed by a manager."""
+    from transformers import Trainer, TrainingArguments
+
+    monkeypatch.chdir(tmp_path)
+    model = _prelude_model()
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input": torch.randn(16, generator=gen), "labels": i % 4} for i in range(16)]
+    args = TrainingArguments(
+        output_dir="trainer_output", per_device_train_batch_size=4, num_train_epochs=2, save_steps=3,
+        remove_unused_columns=False, use_cpu=True, report_to=[], disable_tqdm=True,
+    )  # fmt: skip
+    loss = lambda out, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(out, labels)  # noqa: E731
+    Trainer(model=model, args=args, train_dataset=data, compute_loss_func=loss).train()
+    ns = run_section(README, FROM_TRAINER)
+    assert (ns["epoch"], ns["step"], ns["sample_start_index"]) == (1, 2, 8)  # epoch 1.5: 2 of 4 steps, batches of 4
+    assert ns["resumed"] == (2, 0, 0)  # the manager took the newest, checkpoint-8: 2 epochs done
+    newest = tmp_path / "trainer_output" / "checkpoint-8"
+    _assert_same_state(ns["model"].state_dict(), load_file(newest / "model.safetensors"))
+    saved = torch.load(newest / "optimizer.pt", weights_only=True)
+    assert ns["optimizer"].state_dict()["param_groups"] == saved["param_groups"]
+
+
+def test_from_accelerate(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    monkeypatch.chdir(tmp_path)
+    model = _prelude_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    for _ in range(2):
+        model(torch.randn(4, 16)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    accelerator.save_state("accelerate_state")
+    with pytest.warns(UserWarning, match="records no epoch, step or sample position"):
+        ns = run_section(README, FROM_ACCELERATE)
+    _assert_same_state(ns["model"].state_dict(), model.state_dict())
+    assert ns["optimizer"].state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert ns["lr_scheduler"].state_dict() == scheduler.state_dict()
 
 
 @pytest.fixture

@@ -118,7 +118,10 @@ class CheckpointIO(ABC):
         num_threads = _check_threads(num_threads)
         key_mapper(key_map)  # a key_map of the wrong type is a TypeError before anything is read
         path = _check_path(checkpoint)
-        with track_io("load model", lambda: module_nbytes(model), direction="read"), readable(path) as local:
+        with (
+            track_io("load model", lambda: module_nbytes(model), direction="read"),
+            readable(path, ranged=True) as local,
+        ):
             return self._load_model(
                 model,
                 local,
@@ -169,7 +172,7 @@ class CheckpointIO(ABC):
         state is read shard by shard on one thread. ``verify=True`` checks every checksum first.
         """
         num_threads = _check_threads(num_threads)
-        with readable(_check_path(checkpoint)) as local:
+        with readable(_check_path(checkpoint), ranged=True) as local:
             self._load_optimizer(
                 optimizer, local, low_cpu_mem_mode=bool(low_cpu_mem_mode), num_threads=num_threads, verify=bool(verify)
             )

@@ -10,7 +10,7 @@ writes its own pieces at their offsets:
   tensor, a whole tensor) is written by the lowest rank holding it, straight from its memory:
   FSDP2 shards never cross the network;
 * a replicated tensor (DDP, ``Replicate``) is written by one rank chosen to balance the bytes
-  each rank writes (:func:`replica_writers`), so replicas are written in parallel too;
+  each rank writes (:func:`ckptio.engine.plan.replica_writers`), so replicas are written in parallel too;
 * only a tensor with a box that is not contiguous in the file (``Shard(1)``, strided layouts)
   is collected on the file's owner (point to point, as :mod:`ckptio.engine.write` does) and
   written by it.
@@ -32,7 +32,6 @@ import torch
 from ckptio.engine.gather import gather_full
 from ckptio.engine.group import Group, collective_step, report_errors
 from ckptio.engine.plan import FilePlan
-from ckptio.engine.split import assign_owners
 from ckptio.engine.spread import Spread
 from ckptio.engine.tensors import Region, StagedPart, is_dtensor, local_region
 from ckptio.formats import dtypes, safetensors_format
@@ -72,13 +71,6 @@ def flat_offset(region: Region, shape: tuple[int, ...]) -> int:
         index += region.offset[d] * stride
         stride *= shape[d]
     return index
-
-
-def replica_writers(sizes: list[tuple[str, int]], world_size: int) -> dict[str, int]:
-    """Which rank writes each replicated tensor: byte-balanced, largest first, ties to the
-    lowest rank, so every rank computes the same answer (at staging time too)."""
-    owners = assign_owners([n for _, n in sizes], world_size)
-    return {key: owner for (key, _), owner in zip(sizes, owners)}
 
 
 def _local_bytes(t, region: Region) -> memoryview:

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ckptio.engine.group import Group, collective_step, report_errors
+from ckptio.engine.group import Group, collective_step, peer_failure, report_errors
+from ckptio.engine.plan import replica_writers
 from ckptio.engine.reader import Shapes, TensorFile
 from ckptio.engine.tensors import is_dtensor, local_part, local_region
 from ckptio.errors import CheckpointCorruptError, CheckpointError, StateMismatchError
@@ -296,6 +298,28 @@ def _copy_file(folder: Path, name: str, todo: list[tuple[str, str]], dest: dict)
             _copy_into(reader, file_key, dest[live_key])
 
 
+def replica_readers(per_file: CopyPlan, targets: dict, group: Group) -> dict[str, int]:
+    """Which rank reads each replicated tensor (a plain tensor every rank holds, as under DDP):
+    one rank per tensor, balanced by bytes, so each byte is read from storage once in all;
+    :func:`share_replicas` then sends it to the others. Empty in a world of one."""
+    if not group.active:
+        return {}
+    keys = [k for _, todo in per_file for _, k in todo if not is_dtensor(targets[k])]
+    return replica_writers([(k, targets[k].numel() * targets[k].element_size()) for k in keys], group.size)
+
+
+def share_replicas(readers: dict[str, int], targets: dict, group: Group) -> None:
+    """Every replica, from the rank that read it to all the others (one broadcast each, in key
+    order: the same on every rank)."""
+    with peer_failure("sending replicated tensors to the ranks that did not read them"), torch.no_grad():
+        for key in sorted(readers):
+            tensor = targets[key]
+            buf = tensor.detach() if tensor.is_contiguous() else tensor.detach().contiguous()
+            dist.broadcast(buf, src=group.global_rank(readers[key]), group=group.group)
+            if buf is not tensor and buf.data_ptr() != tensor.data_ptr():
+                tensor.detach().copy_(buf)
+
+
 def load_state(
     dest: dict[str, torch.Tensor],
     checkpoint: str | os.PathLike | Located,
@@ -338,8 +362,11 @@ def load_state(
         )
     replacements = _cpu_replacements(dest, plan.per_file)
     targets = {k: replacements[id(t)][1] if id(t) in replacements else t for k, t in dest.items()}
+    readers = replica_readers(plan.per_file, targets, group)
+    rank = group.rank
+    mine = [(name, [(f, k) for f, k in todo if readers.get(k, rank) == rank]) for name, todo in plan.per_file]
+    work = [(name, todo) for name, todo in mine if todo]
     error: BaseException | None = None
-    work = [(name, todo) for name, todo in plan.per_file if todo]
     try:
         if num_threads > 1 and len(work) > 1:
             with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ckptio-read") as pool:
@@ -350,6 +377,7 @@ def load_state(
         _hand_back(located.folder, plan.extra, extra)
     except Exception as exc:  # noqa: BLE001 (reported to every rank below)
         error = exc
+    share_replicas(readers, targets, group)  # every rank, even after a local failure (reported below)
     report_errors(group, f"loading {where}", error)
     for meta, real in replacements.values():
         try:

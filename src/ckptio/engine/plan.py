@@ -81,3 +81,10 @@ def plan_files(
     files = tuple((naming.shard_name(weights_name, i, count), keys) for i, keys in enumerate(shards))
     owners = assign_owners(shard_bytes, world_size)
     return FilePlan(files, owners, total, True)
+
+
+def replica_writers(sizes: Sequence[tuple[str, int]], world_size: int) -> dict[str, int]:
+    """Which rank writes (or reads) each tensor every rank holds whole: byte-balanced, largest
+    first, ties to the lowest rank, so every rank computes the same answer without talking."""
+    owners = assign_owners([n for _, n in sizes], world_size)
+    return {key: owner for (key, _), owner in zip(sizes, owners)}

@@ -22,6 +22,7 @@ from ckptio.engine.tensors import Region
 from ckptio.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from ckptio.formats import extra_state, safetensors_format, torch_format
 from ckptio.formats.safetensors_format import TensorInfo, tensor_bytes
+from ckptio.storage.reading import open_source
 
 _RUN_BYTES = 4096  # strided runs shorter than this are read as whole rows instead (fewer syscalls)
 _BLOCK_BYTES = 64 * 1024 * 1024
@@ -37,16 +38,11 @@ def _strides(shape: tuple[int, ...]) -> list[int]:
     return strides
 
 
-def _pread_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise CheckpointCorruptError(f"file ends before byte {offset + len(view)}", path=path)
-        done += n
+def _pread_exact(source, view: memoryview, offset: int, path: str) -> None:
+    safetensors_format.read_exact(source, offset, view, path)
 
 
-def read_safetensors_box(path: str, fd: int, info: TensorInfo, region: Region, out: torch.Tensor) -> None:
+def read_safetensors_box(path: str, fd, info: TensorInfo, region: Region, out: torch.Tensor) -> None:
     """Fill ``out`` (contiguous CPU, ``region.shape``) with the box, reading only its bytes
     when its contiguous runs are long, else whole rows of the box's dim-0 range in blocks."""
     shape = info.shape
@@ -94,7 +90,7 @@ class TensorFile:
         if not self.path.is_file():
             raise CheckpointNotFoundError("weights file named by the checkpoint is missing", path=self.path)
         st = safetensors_format.is_safetensors_file(self.path)
-        self._st = safetensors_format.SafetensorsReader.open(self.path) if st else None
+        self._st = safetensors_format.SafetensorsReader.open(self.path, open_source(self.path)) if st else None
         self._torch: dict[str, torch.Tensor] | None = None
         self._torch_extra: dict[str, Any] = {}
 
@@ -156,7 +152,7 @@ class TensorFile:
                     and dest.dtype == info.dtype
                 )
                 out = dest if direct else torch.empty(region.shape, dtype=info.dtype)
-                read_safetensors_box(str(self.path), self._st.fileno(), info, region, out)
+                read_safetensors_box(str(self.path), self._st.source, info, region, out)
                 if not direct:
                     dest.copy_(out)
                 return

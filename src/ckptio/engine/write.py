@@ -33,8 +33,8 @@ import torch
 
 from ckptio.engine.gather import gather_full
 from ckptio.engine.group import Group, collective_step, report_errors
-from ckptio.engine.inplace import replica_writers, write_in_place
-from ckptio.engine.plan import FilePlan, plan_files
+from ckptio.engine.inplace import write_in_place
+from ckptio.engine.plan import FilePlan, plan_files, replica_writers
 from ckptio.engine.spread import ExchangedSpread, Spread, SpreadOf, WholeSpread
 from ckptio.engine.spread import describe as describe_spread
 from ckptio.engine.tensors import Deferred, is_dtensor, local_region, refuse_meta, without_partial
@@ -228,8 +228,11 @@ def write_state(
     described = describe(state, group, static)
     plan = _plan(described.keys, spec, group.size, described.digest, static)
     prefix = f"{subdir}/" if subdir else ""
-    if IN_PLACE and spec.use_safetensors and group.active and writer.positional:
-        # several ranks, safetensors on a filesystem: each rank writes its own pieces in place
+    replicas_only = all(isinstance(s, WholeSpread) for s in described.spreads.values())
+    if IN_PLACE and spec.use_safetensors and group.active and writer.positional and not replicas_only:
+        # several ranks, safetensors on a filesystem, some tensors sharded: each rank writes its own
+        # pieces in place, so no shard crosses the network. (Live replicas only, as under DDP: each
+        # file's owner holds all its tensors already and writes it whole, hashing as it goes.)
         names = [file_name if file_name is not None else prefix + name for name, _ in plan.files]
         meta = {k: (dt, shape) for k, dt, shape in described.keys}
         metadata = spec.one_file_metadata() if not plan.sharded else SAFETENSORS_METADATA

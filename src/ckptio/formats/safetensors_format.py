@@ -15,7 +15,6 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import torch
 
@@ -102,17 +101,40 @@ def is_safetensors_file(path: str | os.PathLike) -> bool:
     return not (head.startswith(b"PK") or head[:1] == b"\x80")
 
 
-def _readinto_exact(fh: BinaryIO, offset: int, view: memoryview, path: str) -> None:
-    fh.seek(offset)
+class LocalFile:
+    """A local file read at offsets (``preadv``: no shared position, so threads may share it).
+
+    Readers take any object with ``size``, ``read_into(offset, view) -> bytes read`` and
+    ``close()``; storage supplies others (a byte range of an object in a store)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            from ckptio.errors import CheckpointNotFoundError
+
+            raise CheckpointNotFoundError("file does not exist", path=path) from None
+        self.size = os.fstat(self.fd).st_size
+
+    def read_into(self, offset: int, view: memoryview) -> int:
+        return os.preadv(self.fd, [view], offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def read_exact(source, offset: int, view: memoryview, path: str) -> None:
+    """Fill ``view`` with the bytes at ``offset`` of ``source``; a short file is corrupt."""
     done = 0
     while done < len(view):
-        n = fh.readinto(view[done:])
-        if not n:
+        n = source.read_into(offset + done, view[done:])
+        if not n or n < 0:
             raise CheckpointCorruptError(
                 f"file ends after {offset + done} bytes, expected at least {offset + len(view)}",
                 path=path,
             )
         done += n
+
 
 
 class SafetensorsReader:
@@ -123,32 +145,31 @@ class SafetensorsReader:
     gap, nothing past the end). A file that lies about offsets is refused up front.
     """
 
-    def __init__(self, fh: BinaryIO, size: int, path: str | os.PathLike) -> None:
-        self._fh = fh
+    def __init__(self, source, path: str | os.PathLike) -> None:
+        self.source = source
         self.path = os.fspath(path)
-        self.size = size
+        self.size = source.size
         self.metadata, self.tensors = self._parse_header()
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> SafetensorsReader:
-        try:
-            fh = open(path, "rb", buffering=0)  # noqa: SIM115 (owned by the reader)
-        except FileNotFoundError:
-            from ckptio.errors import CheckpointNotFoundError
+    def open(cls, path: str | os.PathLike, source=None) -> SafetensorsReader:
+        """Read ``path`` (a local file, or ``source``: any object with ``size``, ``read_into``
+        and ``close``, e.g. an object in a store read by byte ranges)."""
+        if source is None:
+            try:
+                source = LocalFile(path)
+            except FileNotFoundError:
+                from ckptio.errors import CheckpointNotFoundError
 
-            raise CheckpointNotFoundError("safetensors file does not exist", path=path) from None
+                raise CheckpointNotFoundError("safetensors file does not exist", path=path) from None
         try:
-            return cls(fh, os.fstat(fh.fileno()).st_size, path)
+            return cls(source, path)
         except BaseException:
-            fh.close()
+            source.close()
             raise
 
     def close(self) -> None:
-        self._fh.close()
-
-    def fileno(self) -> int:
-        """The open file's descriptor, for positional reads (``os.preadv``) of boxes."""
-        return self._fh.fileno()
+        self.source.close()
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -164,14 +185,14 @@ class SafetensorsReader:
                 path=path,
             )
         prefix = bytearray(8)
-        _readinto_exact(self._fh, 0, memoryview(prefix), path)
+        read_exact(self.source, 0, memoryview(prefix), path)
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > self.size:
             raise CheckpointCorruptError(
                 f"safetensors header claims {header_len} bytes but the file has {self.size}", path=path
             )
         raw = bytearray(header_len)
-        _readinto_exact(self._fh, 8, memoryview(raw), path)
+        read_exact(self.source, 8, memoryview(raw), path)
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -244,7 +265,7 @@ class SafetensorsReader:
         if out.dtype != info.dtype or out.numel() * out.element_size() != info.nbytes:
             raise ValueError(f"{name}: destination {out.dtype}{tuple(out.shape)} does not fit {info}")
         if info.nbytes:
-            _readinto_exact(self._fh, info.start, tensor_bytes(out), self.path)
+            read_exact(self.source, info.start, tensor_bytes(out), self.path)
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` along dim 0, reading only their bytes (one rank's slice)."""
@@ -257,5 +278,5 @@ class SafetensorsReader:
         row_bytes = (info.nbytes // rows) if rows else 0
         out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
         if out.numel():
-            _readinto_exact(self._fh, info.start + start * row_bytes, tensor_bytes(out), self.path)
+            read_exact(self.source, info.start + start * row_bytes, tensor_bytes(out), self.path)
         return out

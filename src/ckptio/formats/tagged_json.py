@@ -9,6 +9,10 @@ Floats go through Python's ``repr`` (exact for float64, hence for float32 and bf
 Optimizer state may hold tensors anywhere inside lists, tuples and dicts (LBFGS's ``old_dirs``);
 ``encode(..., on_tensor=...)`` lets the caller replace each one by a reference to a file
 (``{"__ref__": ...}``) and ``decode(..., on_ref=...)`` turns references back into objects.
+
+``encode(..., any_keys=True)`` also writes dicts whose keys are not all strings (an optimizer
+``state_dict()`` keyed by parameter id, inside a Lightning checkpoint) as
+``{"__items__": [[key, value], ...]}``, keys being numbers, strings, None or tuples of them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ TUPLE_TAG = "__tuple__"
 TENSOR_TAG = "__tensor__"
 DICT_TAG = "__dict__"  # a real dict whose only key happens to be one of the tags
 REF_TAG = "__ref__"  # a tensor stored elsewhere (``on_tensor`` / ``on_ref``)
-_TAGS = (TUPLE_TAG, TENSOR_TAG, DICT_TAG, REF_TAG)
+ITEMS_TAG = "__items__"  # a dict with keys that are not all strings (``any_keys``)
+_TAGS = (TUPLE_TAG, TENSOR_TAG, DICT_TAG, REF_TAG, ITEMS_TAG)
 # Tensors larger than this belong in safetensors, not in JSON.
 MAX_JSON_TENSOR_ELEMENTS = 4096
 
@@ -41,35 +46,49 @@ Position = tuple[int | str, ...]
 TensorHook = Callable[[torch.Tensor, Position, str], Any]
 
 
-def encode(value: Any, where: str = "", on_tensor: TensorHook | None = None) -> Any:
+def encode(value: Any, where: str = "", on_tensor: TensorHook | None = None, *, any_keys: bool = False) -> Any:
     """The JSON-ready form of ``value``; raises :class:`NotJSONable` when there is none.
 
     ``on_tensor(tensor, position, where)``, when given, returns the JSON form of every tensor
     inside ``value`` (``position``: the list indices and dict keys leading to it); without
-    it, tensors are inlined as tagged data (small ones only).
+    it, tensors are inlined as tagged data (small ones only). ``any_keys``: dict keys may be
+    numbers, None and tuples too (else only strings).
     """
-    return _encode(value, where, (), on_tensor)
+    return _encode(value, where, (), on_tensor, any_keys)
 
 
-def _encode(value: Any, where: str, pos: Position, on_tensor: TensorHook | None) -> Any:
+def _encode(value: Any, where: str, pos: Position, on_tensor: TensorHook | None, any_keys: bool = False) -> Any:
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, int | float):
         return value
     if isinstance(value, tuple):
-        return {TUPLE_TAG: [_encode(v, f"{where}[{i}]", (*pos, i), on_tensor) for i, v in enumerate(value)]}
+        return {TUPLE_TAG: [_encode(v, f"{where}[{i}]", (*pos, i), on_tensor, any_keys) for i, v in enumerate(value)]}
     if isinstance(value, list):
-        return [_encode(v, f"{where}[{i}]", (*pos, i), on_tensor) for i, v in enumerate(value)]
+        return [_encode(v, f"{where}[{i}]", (*pos, i), on_tensor, any_keys) for i, v in enumerate(value)]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
-            raise NotJSONable(where, value)
-        body = {k: _encode(v, f"{where}.{k}" if where else k, (*pos, k), on_tensor) for k, v in value.items()}
+            if not any_keys or not all(_plain_key(k) for k in value):
+                raise NotJSONable(where, value)
+            return {
+                ITEMS_TAG: [
+                    [_encode(k, where, pos, None), _encode(v, f"{where}[{k!r}]", (*pos, k), on_tensor, any_keys)]
+                    for k, v in value.items()
+                ]
+            }
+        body = {k: _encode(v, f"{where}.{k}" if where else k, (*pos, k), on_tensor, any_keys) for k, v in value.items()}
         return {DICT_TAG: body} if len(body) == 1 and next(iter(body)) in _TAGS else body
     if isinstance(value, torch.Tensor) and on_tensor is not None:
         return on_tensor(value, pos, where)
     if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:
         return {TENSOR_TAG: encode_tensor(value, where)}
     raise NotJSONable(where, value)
+
+
+def _plain_key(key: Any) -> bool:
+    if key is None or type(key) in (bool, int, float, str):
+        return True
+    return type(key) is tuple and all(_plain_key(k) for k in key)
 
 
 def has_exact_form(tensor: torch.Tensor) -> bool:
@@ -116,10 +135,21 @@ def decode(value: Any, on_ref: Callable[[Any], Any] | None = None) -> Any:
                 return decode_tensor(_expect(body, dict, tag))
             if tag == DICT_TAG:
                 return {k: decode(v, on_ref) for k, v in _expect(body, dict, tag).items()}
+            if tag == ITEMS_TAG:
+                return dict(_item(pair, on_ref) for pair in _expect(body, list, tag))
             if tag == REF_TAG and on_ref is not None:
                 return on_ref(body)
         return {k: decode(v, on_ref) for k, v in value.items()}
     return value
+
+
+def _item(pair: Any, on_ref: Callable[[Any], Any] | None) -> tuple[Any, Any]:
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise ValueError(f"{ITEMS_TAG} must hold [key, value] pairs, got {pair!r}")
+    key = decode(pair[0])
+    if not _plain_key(key):
+        raise ValueError(f"{ITEMS_TAG} key {pair[0]!r} is not a number, string, None or tuple of them")
+    return key, decode(pair[1], on_ref)
 
 
 def decode_tensor(body: dict[str, Any]) -> torch.Tensor:

@@ -23,17 +23,37 @@ def save(obj: Any, fh: BinaryIO) -> None:
     torch.save(obj, fh)
 
 
-def load(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+def _numpy_array_globals() -> list[Any]:
+    """What a pickled NumPy array names: its rebuild function (under NumPy 2's module and NumPy 1's,
+    whichever wrote it), ``ndarray`` and ``dtype``. They build arrays of numbers from bytes; an
+    object array's elements still go through the same refusing unpickler."""
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    names = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    names += [(core.multiarray._reconstruct, f"{m}.multiarray._reconstruct") for m in ("numpy.core", "numpy._core")]
+    dtypes_module = getattr(np, "dtypes", None)
+    if dtypes_module is not None:
+        names.append(dtypes_module.UInt32DType)
+    return names
+
+
+def load(path: str | os.PathLike, *, mmap: bool = False, numpy_arrays: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with errors that name the file and the problem.
 
     ``mmap=True`` maps tensor data instead of reading it, so a shard costs memory only for
     what is copied out of it; files in torch's legacy (non-zip) format fall back to a read.
+    ``numpy_arrays=True`` also accepts NumPy arrays (the RNG state files of transformers.Trainer
+    and accelerate hold ``np.random.get_state()``), as transformers and accelerate load them.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointNotFoundError("file does not exist", path=path)
     use_mmap = mmap and zipfile.is_zipfile(path)
     try:
+        if numpy_arrays:
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         text = str(exc)

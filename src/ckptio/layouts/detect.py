@@ -10,7 +10,11 @@
   shards), one ``torch.save`` file, or one safetensors file in ColossalAI's flat layout
   (``param_groups`` and ``state.<id>.<name>`` keys; layout ``"safetensors"``);
 * ``lr_scheduler``: a scheduler file (a ``torch.save`` file, or the JSON of earlier ckptio versions);
-* ``training``: an ``epoch-E_step-S`` folder (``running_states.json`` inside);
+* ``training``: an ``epoch-E_step-S`` folder (``running_states.json`` inside; layout
+  ``training``), and, asked for this kind, the training folders of other tools: a
+  ``transformers.Trainer`` ``checkpoint-N/`` (``trainer_state.json``; layout ``hf-trainer``) or
+  an ``accelerate`` ``save_state`` folder (``random_states_<i>.pkl``; layout ``accelerate``).
+  Without a kind those two are what they also are: a model folder;
 * ``runs``: a folder of training checkpoints, as ``CheckpointManager`` keeps them.
 
 Asked for a kind (``detect(path, "model")``), it finds that kind inside whatever the path is
@@ -212,13 +216,22 @@ def _colossal(index_path: Path) -> Located:
 
 # ----------------------------------------------------------------------------- training
 def _training(path: Path) -> Located:
-    if not path.is_dir() or not (path / naming.RUNNING_STATES).is_file():
+    entries = _entries(path) if path.is_dir() else []
+    if naming.RUNNING_STATES in entries:
+        layout, entry = "training", naming.RUNNING_STATES
+    elif naming.HF_TRAINER_STATE in entries:
+        layout, entry = "hf-trainer", naming.HF_TRAINER_STATE
+    elif any(naming.is_accelerate_rng_file(n) for n in entries):
+        layout, entry = "accelerate", None
+    else:
         raise CheckpointNotFoundError(
-            f"{naming.RUNNING_STATES} is missing: not a complete training checkpoint (pass the epoch-E_step-S folder)",
+            f"{naming.RUNNING_STATES} is missing: not a complete training checkpoint (pass the epoch-E_step-S "
+            f"folder; a transformers.Trainer checkpoint-N folder has {naming.HF_TRAINER_STATE}, an accelerate "
+            f"save_state folder {naming.accelerate_rng_file_name(0)})",
             path=path,
         )
     files = tuple(sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()))
-    return Located("training", "training", path, naming.RUNNING_STATES, files)
+    return Located("training", layout, path, entry, files)
 
 
 def training_checkpoints_in(path: str | os.PathLike) -> list[Path]:

@@ -218,23 +218,30 @@ class FolderCommit(Commit):
         return self.target
 
     def _swap(self) -> None:
-        if not self.target.exists():
-            os.rename(self.staging, self.target)
-            fsync_dir(self.target.parent)
-            return
-        if _exchange(self.staging, self.target):
-            fsync_dir(self.target.parent)
-            _remove(self.staging)  # now holds the previous checkpoint
-            return
-        aside = self.target.parent / f".{self.target.name}{OLD_MARK}{self.token}"
-        os.rename(self.target, aside)
-        try:
-            os.rename(self.staging, self.target)
-        except OSError:
-            os.rename(aside, self.target)
-            raise
-        fsync_dir(self.target.parent)
-        _remove(aside)
+        swap_into_place(self.staging, self.target, self.token)
+
+
+def swap_into_place(staged: Path, target: Path, token: str) -> None:
+    """Put the complete, durable folder ``staged`` at ``target``, replacing what is there (a
+    folder, or a file), so that a crash at any moment leaves the old or the new one at ``target``
+    (after :func:`recover` where the OS cannot exchange two paths); the old one is then removed."""
+    if not target.exists():
+        os.rename(staged, target)
+        fsync_dir(target.parent)
+        return
+    if _exchange(staged, target):
+        fsync_dir(target.parent)
+        _remove(staged)  # now holds the previous checkpoint
+        return
+    aside = target.parent / f".{target.name}{OLD_MARK}{token}"
+    os.rename(target, aside)
+    try:
+        os.rename(staged, target)
+    except OSError:
+        os.rename(aside, target)
+        raise
+    fsync_dir(target.parent)
+    _remove(aside)
 
 
 def _link_or_copy(src, dst) -> None:

@@ -43,6 +43,7 @@ from ckptio.errors import (
 )
 from ckptio.formats.naming import COMMIT_MARKER, MANIFEST, REMOTE_VERSION_PREFIX
 from ckptio.progress import Progress
+from ckptio.storage import reading
 from ckptio.storage.base import Commit, FileRecord, FileWriter, HashingStream, new_hasher
 from ckptio.storage.urls import is_url, url_basename
 
@@ -249,27 +250,45 @@ class PartialCopy:
     found as in a full copy, until :meth:`fetch` downloads it. A one-object URL is downloaded.
     """
 
-    def __init__(self, url: str, dest: str | os.PathLike, *, storage_options=None, quiet: bool = False) -> None:
+    def __init__(
+        self, url: str, dest: str | os.PathLike, *, storage_options=None, quiet: bool = False, ranged: bool = False
+    ) -> None:
         remote = resolve(url, storage_options)
         self.fs, self.url, self.quiet = remote.fs, url, quiet
         self.path = Path(dest) / url_basename(url)
         sources = _sources(remote, self.path)
         if not remote.is_file:
             self.path.mkdir(parents=True, exist_ok=True)
-        now = {dst: src for dst, src in sources.items() if remote.is_file or dst.name.endswith(".json")}
-        self._pending = {dst: src for dst, src in sources.items() if dst not in now}
-        for dst in self._pending:
+        # ranged: every safetensors file is read from the store by byte ranges (storage/reading.py),
+        # everything else (small: indexes, JSON, torch files) is downloaded now
+        self._ranged = {dst: src for dst, src in sources.items() if ranged and dst.name.endswith(".safetensors")}
+        now = {
+            dst: src
+            for dst, src in sources.items()
+            if dst not in self._ranged and (ranged or remote.is_file or dst.name.endswith(".json"))
+        }
+        self._pending = {dst: src for dst, src in sources.items() if dst not in now and dst not in self._ranged}
+        for dst in (*self._pending, *self._ranged):
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.touch()
+        for dst, src in self._ranged.items():
+            reading.register(dst, reading.RemoteObject(self.fs, src, int(self.fs.size(src) or 0)))
         _download(self.fs, now, url_basename(url), quiet)
+
+    def close(self) -> None:
+        """Forget the placeholders read by byte ranges (the folder is about to be removed)."""
+        for dst in self._ranged:
+            reading.unregister(dst)
 
     def fetch(self, paths: Iterable[str | os.PathLike]) -> None:
         """Download the files at these local paths (those not downloaded yet)."""
         wanted = {Path(p) for p in paths}
-        todo = {dst: src for dst, src in self._pending.items() if dst in wanted}
+        todo = {dst: src for dst, src in {**self._pending, **self._ranged}.items() if dst in wanted}
         _download(self.fs, todo, url_basename(self.url), self.quiet)
         for dst in todo:
-            del self._pending[dst]
+            self._pending.pop(dst, None)
+            if self._ranged.pop(dst, None) is not None:
+                reading.unregister(dst)
 
 
 class RemoteFolderCommit(Commit):
@@ -278,7 +297,6 @@ class RemoteFolderCommit(Commit):
     version; older versions are deleted only after the marker flipped."""
 
     def __init__(self, url: str, *, token: str, storage_options=None) -> None:
-        _check_single_process(url)
         self.target = url
         self.fs, self.root = filesystem(url, storage_options)
         self.version = f"{REMOTE_VERSION_PREFIX}{token}"
@@ -314,7 +332,6 @@ class RemoteFileCommit(Commit):
     (a failed multipart upload is aborted), so it needs no marker."""
 
     def __init__(self, url: str, *, token: str, storage_options=None) -> None:
-        _check_single_process(url)
         self.target = url
         fs, path = filesystem(url, storage_options)
         parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
@@ -356,21 +373,6 @@ def prune_versions(fs, root: str, *, keep: str) -> list[str]:
     return removed
 
 
-def _check_single_process(url: str) -> None:
-    try:
-        import torch.distributed as dist
-
-        many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    except Exception:  # pragma: no cover
-        many = False
-    if many:
-        raise CheckpointError(
-            "saving to a URL from several ranks is not supported yet: save to a shared local path and "
-            "copy it, or save from a single process",
-            path=url,
-        )
-
-
 def _tmp_root() -> str | None:
     return os.environ.get("CKPTIO_TMPDIR") or None
 
@@ -383,10 +385,17 @@ def loading(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[
 
 
 @contextlib.contextmanager
-def loading_partially(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[PartialCopy]:
-    """Yield a :class:`PartialCopy` of the committed checkpoint at ``url``; removed afterwards."""
+def loading_partially(
+    url: str, *, storage_options=None, quiet: bool = False, ranged: bool = False
+) -> Iterator[PartialCopy]:
+    """Yield a :class:`PartialCopy` of the committed checkpoint at ``url``; removed afterwards.
+    ``ranged``: its safetensors files are read from the store by byte ranges, never downloaded."""
     with tempfile.TemporaryDirectory(prefix="ckptio-download-", dir=_tmp_root()) as tmp:
-        yield PartialCopy(url, tmp, storage_options=storage_options, quiet=quiet)
+        copy = PartialCopy(url, tmp, storage_options=storage_options, quiet=quiet, ranged=ranged)
+        try:
+            yield copy
+        finally:
+            copy.close()
 
 
 def exists(url: str, storage_options=None) -> bool:

@@ -54,15 +54,22 @@ def new_commit(
 
 
 @contextlib.contextmanager
-def readable(checkpoint: str | os.PathLike, *, quiet: bool = False) -> Iterator[str]:
-    """A local path to read ``checkpoint`` from: itself, or a downloaded copy of the version a
-    URL's commit marker names (removed afterwards)."""
+def readable(checkpoint: str | os.PathLike, *, quiet: bool = False, ranged: bool = False) -> Iterator[str]:
+    """A local path to read ``checkpoint`` from: itself, or a copy of the version a URL's commit
+    marker names (removed afterwards). ``ranged``: the copy's safetensors files are placeholders
+    read from the store by byte ranges (readers that open files through
+    :func:`ckptio.storage.reading.open_source`), so each rank of a load fetches only its boxes;
+    otherwise everything is downloaded."""
     target = normalize(checkpoint)
     if not is_url(target):
         yield target
         return
     from ckptio.storage import fsspec_storage
 
+    if ranged:
+        with fsspec_storage.loading_partially(target, quiet=quiet, ranged=True) as copy:
+            yield str(copy.path)
+        return
     with fsspec_storage.loading(target, quiet=quiet) as local:
         yield local
 

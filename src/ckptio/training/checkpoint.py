@@ -44,6 +44,7 @@ from ckptio.storage.location import is_url, join, normalize, readable
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
 from ckptio.training import rng
+from ckptio.training.foreign import check_foreign
 from ckptio.training.resume import warn_if_world_size_changed
 from ckptio.training.stateful import check_stateful, prepare_stateful_load, stateful_parts
 
@@ -193,7 +194,10 @@ def load_checkpoint(
     restore_rng: bool = True,
     stateful: Mapping[str, Any] | None = None,
 ) -> tuple[int, int, int]:
-    """Load a checkpoint folder written by :func:`save_checkpoint` (or by ColossalChat).
+    """Load a checkpoint folder written by :func:`save_checkpoint` (or by ColossalChat), or the
+    training folder of another tool: a ``transformers.Trainer`` ``checkpoint-N/`` or an
+    ``accelerate`` ``save_state`` folder (:mod:`ckptio.training.foreign` says what is read from
+    them, and how their position is derived).
 
     Returns ``(epoch, step, sample_start_index)``. Restores model, optimizer and scheduler (any
     of them may be None: the others still load, as in ColossalChat), this rank's RNG states
@@ -210,7 +214,7 @@ def load_checkpoint(
     on several ranks every rank raises the same error: ``StateMismatchError`` when the checkpoint
     does not fit the job (on any rank), else the kind of damage found.
     """
-    with readable(load_dir) as local:
+    with readable(load_dir, ranged=True) as local:
         return _load_checkpoint(
             Path(local), booster, model, optimizer, lr_scheduler,
             sampler=sampler, strict=strict, verify=verify, restore_rng=restore_rng, stateful=check_stateful(stateful),
@@ -233,7 +237,7 @@ def _load_checkpoint(
         precedence=(StateMismatchError,),
     )
     if model is not None:
-        booster.load_model(model, load_dir / MODEL_DIR, strict=strict)
+        booster.load_model(model, checked.model_path, strict=strict)
     collective_step(
         group,
         f"loading the optimizer, LR scheduler, sampler, stateful objects and RNG of {load_dir}",
@@ -247,6 +251,8 @@ def _load_checkpoint(
             UserWarning,
             stacklevel=3,
         )
+    for note in checked.notes:
+        warnings.warn(f"{load_dir}: {note}", UserWarning, stacklevel=3)
     warn_if_world_size_changed(checked.running, DistCoordinator().world_size, where=str(load_dir))
     return checked.position
 
@@ -259,6 +265,8 @@ class _Checked:
     position: tuple[int, int, int]
     loads: list[Callable[[], None]]
     rng_missing: Path | None
+    model_path: Path
+    notes: tuple[str, ...] = ()
 
     def load_rest(self) -> None:
         for load in self.loads:
@@ -282,7 +290,13 @@ def _check_everything(
     Returns the loads of optimizer, scheduler, sampler, stateful objects and RNG (the model is
     loaded by the booster).
     """
-    detect(load_dir, "training")  # a folder left aside by a crash is put back; a non-checkpoint is refused
+    located = detect(load_dir, "training")  # a folder left aside by a crash is put back; a non-checkpoint is refused
+    if located.layout != "training":  # another tool's folder
+        found = check_foreign(
+            located, io, model, optimizer, lr_scheduler, sampler, strict, verify, restore_rng, stateful
+        )
+        running = {} if found.world_size is None else {"world_size": found.world_size}
+        return _Checked(running, found.position, found.loads, found.rng_missing, found.model_path, tuple(found.notes))
     running_path = load_dir / RUNNING_STATES
     running = load_json(running_path)
     try:
@@ -318,4 +332,4 @@ def _check_everything(
         io.check_model_load(model, str(load_dir / MODEL_DIR), strict=strict)
     if optimizer is not None:  # last: it reads the optimizer's state
         loads.insert(0, io.prepare_optimizer_load(optimizer, str(load_dir / OPTIMIZER_DIR), verify=False))
-    return _Checked(running, (epoch, step, start), loads, rng_missing)
+    return _Checked(running, (epoch, step, start), loads, rng_missing, load_dir / MODEL_DIR)

@@ -76,7 +76,8 @@ def build(args, run: str):
     if run == "lora":
         from peft import LoraConfig
 
-        model = booster.enable_lora(model, lora_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+        model = booster.enable_lora(model, lora_config=config)
     else:
         for name, param in model.named_parameters():
             layer = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None

@@ -4,7 +4,6 @@ the promise: a linked checkpoint writes what changed (plus metadata), not the fr
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -46,6 +46,7 @@ from ckptio.state.report import (
     match_keys,
     wrapper_prefix,
 )
+from ckptio.storage.reading import open_source
 from ckptio.storage.verify import check_against_manifest
 
 # [(file, [(file_key, live_key), ...]), ...]: what to copy from where
@@ -97,8 +98,9 @@ def omitted_frozen(located: Located) -> list[str]:
         return frozen_format.from_index(located.index.metadata, path=located.index.path)
     if located.entry is None or not safetensors_format.is_safetensors_file(located.entry_path):
         return []
-    with safetensors_format.SafetensorsReader.open(located.entry_path) as reader:
-        return frozen_format.from_metadata(reader.metadata, path=located.entry_path)
+    path = located.entry_path
+    with safetensors_format.SafetensorsReader.open(path, open_source(path)) as reader:  # a URL's: by byte ranges
+        return frozen_format.from_metadata(reader.metadata, path=path)
 
 
 def match_files(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def index_folders(folders: Iterable[str | os.PathLike]) -> ReuseIndex | None:
         for name, record in manifest.files.items():
             path = folder / name
             with contextlib.suppress(OSError):
-                st = os.stat(path)
-                if st.st_size != record.size or not path.is_file():
+                st = os.lstat(path)  # a symlink is never linked: the copy would point where it points
+                if st.st_size != record.size or not stat.S_ISREG(st.st_mode):
                     continue
                 found = Reusable(str(path), record.size, record.checksum, record.pieces, (st.st_dev, st.st_ino))
                 by_checksum.setdefault((record.size, record.checksum), found)

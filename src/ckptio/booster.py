@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -49,6 +50,7 @@ class Booster:
         self.device = device
         self.plugin = plugin
         self.checkpoint_io: CheckpointIO = plugin.get_checkpoint_io() if plugin is not None else GeneralCheckpointIO()
+        self._boosted: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def boost(
         self,
@@ -82,7 +84,46 @@ class Booster:
             )
         if optimizer is not None and model is not None:
             register_model(optimizer, model)  # optimizer state is then saved by parameter name
+        if model is not None:
+            self._boosted.add(model)
         return model, optimizer, criterion, dataloader, lr_scheduler
+
+    def enable_lora(self, model: nn.Module, pretrained_dir: str | None = None, lora_config: Any = None) -> nn.Module:
+        """Return ``model`` with LoRA adapters (Hugging Face ``peft``), to pass to :meth:`boost`.
+
+        ``lora_config``: a ``peft.LoraConfig`` for new adapters; or ``pretrained_dir``: a local
+        adapter folder (``booster.save_lora_as_pretrained``'s or ``PeftModel.save_pretrained``'s)
+        loaded back, trainable. The base model's parameters are frozen, the adapters train. Call
+        it before ``boost``, as in ColossalAI: the plugin then shards the adapted model. Works
+        with or without a plugin.
+
+        Args:
+            model: the base model (not boosted yet).
+            pretrained_dir: an adapter folder to load (peft's layout), or None.
+            lora_config: a ``peft.LoraConfig`` for new adapters, or None (one of the two is needed).
+
+        Returns:
+            The ``peft`` model, to pass to :meth:`boost`.
+        """
+        from ckptio import lora
+
+        if model in self._boosted or _is_wrapped(model):
+            raise ValueError(
+                "enable_lora must be called before boost: model = booster.enable_lora(model, lora_config=...), "
+                "then booster.boost(model, optimizer, ...) with an optimizer built on the adapted model"
+            )
+        return lora.enable_lora(model, pretrained_dir, lora_config)
+
+    def save_lora_as_pretrained(self, model: nn.Module, checkpoint: PathLike, use_safetensors: bool = True) -> None:
+        """Save the LoRA adapters as peft's folder, which ``peft.PeftModel.from_pretrained`` loads
+        (see :meth:`CheckpointIO.save_lora_as_pretrained`); every rank calls it.
+
+        Args:
+            model: the model ``enable_lora`` returned (boosted or not).
+            checkpoint: the adapter folder, local or an fsspec URL.
+            use_safetensors: ``adapter_model.safetensors`` (False: ``adapter_model.bin``).
+        """
+        self.checkpoint_io.save_lora_as_pretrained(model, checkpoint, use_safetensors)
 
     def backward(self, loss, optimizer: Optimizer | None = None) -> None:
         """Backpropagate ``loss`` the way the plugin needs (``loss.backward()`` for every plugin here).
@@ -128,6 +169,8 @@ class Booster:
         size_per_shard: int = 1024,
         use_safetensors: bool = False,
         use_async: bool = False,
+        *,
+        only_trainable: bool = False,
     ) -> None:
         """Save the model's weights: one file, or a Hugging Face folder of shards.
 
@@ -149,10 +192,13 @@ class Booster:
                 path ending in ``.safetensors`` is safetensors either way).
             use_async: copy the state into host buffers and write it in the background;
                 :meth:`wait` makes it durable and raises its error.
+            only_trainable: leave out the frozen parameters (``requires_grad=False``) and record
+                which; a strict load then expects them from the model's base weights.
         """
         self.checkpoint_io.save_model(
-            model, checkpoint, shard, gather_dtensor, prefix, size_per_shard, use_safetensors, use_async
-        )
+            model, checkpoint, shard, gather_dtensor, prefix, size_per_shard, use_safetensors, use_async,
+            only_trainable=only_trainable,
+        )  # fmt: skip
 
     def load_model(
         self,
@@ -287,6 +333,17 @@ def _mixed_precision_error(mixed_precision: Any, plugin: Plugin | None) -> Excep
         "torch.autocast(device_type, dtype=torch.bfloat16); for fp16 add torch.amp.GradScaler around backward "
         "and optimizer.step()"
     )
+
+
+def _is_wrapped(model: nn.Module) -> bool:
+    """Whether a plugin already wrapped or sharded ``model`` (DDP, FSDP2, ckptio's wrappers)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or getattr(model, "_ckptio_wrapper", False):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover (torch without distributed)
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def _move(model: nn.Module, optimizer: Optimizer | None, device: str) -> nn.Module:

@@ -144,7 +144,10 @@ class CheckpointManager:
         """Save ``epoch-E_step-S`` and rotate; returns its path, or None when ``save_every`` skips it.
 
         ``kwargs`` go to :func:`ckptio.training.save_checkpoint` (``sampler``, ``size_per_shard``,
-        ``use_safetensors``, ``use_async``, ``extra_states``, ``stateful``). With ``use_async=True`` the old
+        ``use_safetensors``, ``use_async``, ``extra_states``, ``stateful``, ``only_trainable``,
+        ``reuse_unchanged``): by default the frozen parameters' files are hard-linked from the
+        previous checkpoint while their bytes stay the same, and rotating that one away later
+        leaves them to the checkpoints that link them. With ``use_async=True`` the old
         checkpoints are deleted once the new one is durable: at the next ``save`` or ``wait``,
         never before. A step this run already saved (or resumed from) is replaced atomically.
         Raises ``CheckpointExistsError`` on every rank, writing nothing, while ``save_dir`` holds

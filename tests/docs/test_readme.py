@@ -39,6 +39,7 @@ TWO_DIMENSIONS = "Two dimensions: tensor parallel x FSDP2 (`HybridParallelPlugin
 ZERO_GEMINI = "ZeRO and Gemini: `LowLevelZeroPlugin`, `GeminiPlugin`"
 TRAINING = "Optimizer, LR scheduler and training checkpoints"
 ASYNC = "Async saves and performance"
+SMALLER = "Smaller checkpoints: trainable-only, LoRA adapters, unchanged files linked"
 REMOTE = "Remote storage: `s3://` and any fsspec URL"
 CLI = "Command line: `ckptio inspect | verify | convert | diff`"
 FROM_DCP = "From DCP / torchtitan"
@@ -55,6 +56,7 @@ CHECKED = {
     (README, ZERO_GEMINI): "test_zero_and_gemini_on_2_ranks",
     (README, TRAINING): "test_training_section, test_manager_loop_resumes_bit_exact_after_kills",
     (README, ASYNC): "test_async_save",
+    (README, SMALLER): "test_smaller_checkpoints",
     (README, REMOTE): "test_remote_storage_on_s3",
     (README, CLI): "test_tools_from_python",
     (README, FROM_DCP): "test_from_dcp",
@@ -137,6 +139,27 @@ def test_load_options(tmp_path, monkeypatch, capsys):
     _assert_same_state(ns["empty"].state_dict(), state)
     _assert_same_state(ns["first"].state_dict(), {"weight": state["0.weight"], "bias": state["0.bias"]})
     _assert_same_state(ns["tensors"], {"3.bias": state["3.bias"]})
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' notes to peft
+def test_smaller_checkpoints(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ns = run_section(README, SMALLER)
+    adapters = {k: v for k, v in ns["lora_model"].state_dict().items() if "lora_" in k}
+    assert len(adapters) == 4
+    _assert_same_state({k: v for k, v in ns["resumed"].state_dict().items() if "lora_" in k}, adapters)
+    _assert_same_state(ns["resumed"].state_dict(), ns["lora_model"].state_dict())  # the base came back too
+    index = json.loads((ns["path"] / "modeling" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(adapters) and len(index["metadata"]["frozen_keys"]) == 4
+    assert "4 left out of this trainable-only checkpoint (frozen when saved" in capsys.readouterr().out
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 4))
+    _assert_same_state(
+        PeftModel.from_pretrained(base, tmp_path / "ckpt" / "adapter").state_dict(),
+        adapters | {k: v for k, v in ns["lora_model"].state_dict().items() if "lora_" not in k},
+    )
 
 
 def test_async_save(tmp_path, monkeypatch):

@@ -67,9 +67,17 @@ class CheckpointIO(ABC):
         size_per_shard: int = 1024,
         use_safetensors: bool = False,
         use_async: bool = False,
+        *,
+        only_trainable: bool = False,
     ) -> None:
         """Save model weights: one file at ``checkpoint``, or (``shard=True``) a folder of
         shards of at most ``size_per_shard`` MiB with a Hugging Face index.
+
+        ``only_trainable=True`` leaves out the frozen parameters (``requires_grad=False``; buffers
+        are always saved) and records their names, so a strict load into a model that already
+        holds them (its base weights) loads the rest and lists them in ``report.frozen_keys``.
+        A one-file save needs a ``.safetensors`` path for it (a torch file has nowhere to record
+        them).
 
         Args:
             model: the model (wrapped or not); its tied tensors are saved once.
@@ -80,12 +88,14 @@ class CheckpointIO(ABC):
             size_per_shard: the largest shard, in MiB.
             use_safetensors: safetensors instead of ``torch.save`` files.
             use_async: stage into host buffers and write in the background (:meth:`wait`).
+            only_trainable: leave out the frozen parameters and record their names (see above).
         """
         opts = ModelSaveOptions(
             shard=bool(shard),
             prefix=check_prefix(prefix),
             max_shard_bytes=_check_size_per_shard(size_per_shard),
             use_safetensors=bool(use_safetensors),
+            only_trainable=bool(only_trainable),
         )
         path = _check_path(checkpoint)
         self.wait()  # at most one save in flight: a save never races the previous async one
@@ -235,6 +245,24 @@ class CheckpointIO(ABC):
         with readable(_check_path(checkpoint)) as local:
             self._load_lr_scheduler(lr_scheduler, local)
 
+    # ------------------------------------------------------------------ LoRA
+    def save_lora_as_pretrained(self, model: nn.Module, checkpoint: PathLike, use_safetensors: bool = True) -> None:
+        """Save the LoRA adapters of ``model`` (made by ``booster.enable_lora``) as peft's folder:
+        ``adapter_model.safetensors`` (``.bin`` with ``use_safetensors=False``) and
+        ``adapter_config.json``, which ``peft.PeftModel.from_pretrained(base_model, checkpoint)``
+        loads; only the adapters are written, from every rank's shards. One atomic commit; other
+        files in an existing folder are kept.
+
+        Args:
+            model: the model ``booster.enable_lora`` returned (boosted or not).
+            checkpoint: the adapter folder, local or an fsspec URL.
+            use_safetensors: ``adapter_model.safetensors`` (False: ``adapter_model.bin``; note that
+                ColossalAI's default is False).
+        """
+        path = _check_path(checkpoint)
+        self.wait()
+        self._save_lora(model, path, use_safetensors=bool(use_safetensors))
+
     # ------------------------------------------------------------------ async
     @property
     def async_saver(self) -> AsyncSaver:
@@ -262,6 +290,9 @@ class CheckpointIO(ABC):
     def _load_model(
         self, model, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify, key_map, allow_dtype_cast
     ) -> LoadReport: ...
+
+    @abstractmethod
+    def _save_lora(self, model, checkpoint: str, *, use_safetensors: bool) -> None: ...
 
     @abstractmethod
     def _save_optimizer(self, optimizer, checkpoint: str, **kwargs) -> None: ...

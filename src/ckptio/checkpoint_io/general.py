@@ -12,7 +12,7 @@ rank and many, local and URL share one code path.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -44,7 +44,14 @@ from ckptio.layouts.optimizer import (
     write_full,
 )
 from ckptio.state.hf_config import hf_config_files
-from ckptio.state.model import extra_state_modules, live_state, model_state_to_save, tied_aliases, unwrap_model
+from ckptio.state.model import (
+    extra_state_modules,
+    frozen_keys,
+    live_state,
+    model_state_to_save,
+    tied_aliases,
+    unwrap_model,
+)
 from ckptio.state.report import LoadReport
 
 
@@ -82,6 +89,10 @@ class GeneralCheckpointIO(CheckpointIO):
         of a ``transformers`` model). Extra state that is not a tensor is encoded now, so a value
         that cannot be saved raises before anything is written.
 
+        Frozen parameters (``requires_grad=False``) go into shards of their own, which the next
+        save links instead of rewriting while they stay unchanged; ``opts.only_trainable``
+        leaves them out and names them in the index (or the one file).
+
         Args:
             model: the model whose state is saved.
             opts: the file options (one file or shards, prefix, shard size, format).
@@ -91,16 +102,18 @@ class GeneralCheckpointIO(CheckpointIO):
         """
         if extra_files is None and opts.shard:
             extra_files = hf_config_files(unwrap_model(model))
-        tensors, extra = model_state_to_save(model)
+        frozen = frozen_keys(model)
+        tensors, extra = model_state_to_save(model, only_trainable=opts.only_trainable)
         encoded = extra_state_format.encode(extra, path=checkpoint) if extra else None
         return TensorPart(
             tensors,
-            opts.write_spec(checkpoint, encoded),
+            opts.write_spec(checkpoint, encoded, frozen),
             self.group,
             subdir=subdir,
-            metadata=model_metadata(opts, extra_files, encoded) if opts.shard else None,
+            metadata=model_metadata(opts, extra_files, encoded, frozen) if opts.shard else None,
             slot="model",
             master_only=self.group.solo,
+            static=frozenset(frozen),
         )
 
     def optimizer_part(self, optimizer, opts: OptimizerSaveOptions, *, subdir: str = "", checkpoint=None) -> Part:
@@ -182,6 +195,7 @@ class GeneralCheckpointIO(CheckpointIO):
         group: Group | None = None,
         use_async: bool = False,
         what: str = "checkpoint",
+        reuse: Sequence[str] | None = (),
     ) -> None:
         """Write ``parts`` into one commit of ``checkpoint`` over ``group`` (default: this IO's).
 
@@ -193,6 +207,8 @@ class GeneralCheckpointIO(CheckpointIO):
             group: the group the parts' collectives run on.
             use_async: stage now and write in the background.
             what: how messages name the save.
+            reuse: committed folders whose unchanged files may be linked instead of written (see
+                :func:`ckptio.engine.save.save_parts`); None: none.
 
         ``use_async``: stage now, write in the background; stays synchronous when a part cannot
         be staged without collectives on its mesh (``Partial`` placements, strided shards) or no
@@ -202,11 +218,13 @@ class GeneralCheckpointIO(CheckpointIO):
         extra = self.manifest_extra()
         background = self.background_group(group) if use_async else None
         if background is None or not all(p.stageable() for p in parts):
-            save_parts(checkpoint, parts, group, folder=folder, owns=owns, manifest_extra=extra)
+            save_parts(checkpoint, parts, group, folder=folder, owns=owns, manifest_extra=extra, reuse=reuse)
             return
         self.async_saver.submit(
             lambda staging: stage_all(parts, staging, group, background, what),
-            lambda staged: save_parts(checkpoint, staged, background, folder=folder, owns=owns, manifest_extra=extra),
+            lambda staged: save_parts(
+                checkpoint, staged, background, folder=folder, owns=owns, manifest_extra=extra, reuse=reuse
+            ),
             what=what,
         )
 
@@ -229,6 +247,13 @@ class GeneralCheckpointIO(CheckpointIO):
             extra=extra_state_modules(model),
         )  # fmt: skip
         return report
+
+    def _save_lora(self, model: nn.Module, checkpoint: str, *, use_safetensors: bool) -> None:
+        from ckptio import lora
+
+        parts = lora.adapter_parts(model, self.group, use_safetensors=use_safetensors)
+        owns = lora.adapter_files(model)
+        self.save_parts(checkpoint, parts, folder=True, owns=owns, what=f"adapters to {checkpoint}")
 
     # ------------------------------------------------------------------ optimizer
     def _save_optimizer(self, optimizer, checkpoint: str, *, shard, gather_dtensor, prefix, max_shard_bytes, use_async):

@@ -29,10 +29,11 @@ from torch import nn
 
 from ckptio.engine.group import Group, collective_step, peer_failure, report_errors
 from ckptio.engine.plan import replica_writers
-from ckptio.engine.reader import FileHeader, TensorFile, read_header
+from ckptio.engine.reader import FileHeader, TensorFile, is_safetensors, read_header
 from ckptio.engine.tensors import is_dtensor, local_part, local_region
 from ckptio.errors import CheckpointCorruptError, CheckpointError, StateMismatchError
-from ckptio.formats import extra_state
+from ckptio.formats import extra_state, safetensors_format
+from ckptio.formats import frozen as frozen_format
 from ckptio.formats.dtypes import cast_refusal, to_name
 from ckptio.layouts.detect import Located, detect
 from ckptio.state.report import (
@@ -45,6 +46,7 @@ from ckptio.state.report import (
     match_keys,
     wrapper_prefix,
 )
+from ckptio.storage.reading import open_source
 from ckptio.storage.verify import check_against_manifest
 
 # [(file, [(file_key, live_key), ...]), ...]: what to copy from where
@@ -87,6 +89,24 @@ def saved_extra_state(located: Located) -> dict[str, Any]:
         with TensorFile(located.folder / name) as tf:
             found.update(tf.extra_state())
     return found
+
+
+def omitted_frozen(located: Located, files: dict[str, FileHeader] | None = None) -> list[str]:
+    """The keys a trainable-only checkpoint left out because they were frozen (its index's
+    metadata, or its one safetensors file's), as the checkpoint names them; [] for a full one.
+    ``files``: headers already parsed (:func:`read_headers`), whose metadata is used when there."""
+    if located.index is not None:
+        return frozen_format.from_index(located.index.metadata, path=located.index.path)
+    if located.entry is None:
+        return []
+    known = (files or {}).get(located.entry)
+    if known is not None and known.parsed is not None:
+        return frozen_format.from_metadata(known.parsed.metadata, path=located.entry_path)
+    if not is_safetensors(located.entry_path):
+        return []
+    path = located.entry_path
+    with safetensors_format.SafetensorsReader.open(path, open_source(path)) as reader:  # a URL's: by byte ranges
+        return frozen_format.from_metadata(reader.metadata, path=path)
 
 
 def match_files(
@@ -172,10 +192,13 @@ def match_files(
     # a tied tensor is loaded (or mismatched) under any of its names
     loaded_ties = {aliases.get(k, k) for k in loaded}
     mismatched_ties = {aliases.get(m.key, m.key) for m in report.mismatched}
+    # what a trainable-only checkpoint says it left out (frozen when saved), in the model's names
+    left_out = set(match_keys(omitted_frozen(located, files), live_keys, prefix, to_model)[0].values())
+    left_out |= {aliases.get(k, k) for k in left_out}
     for key in dest:
         tie = aliases.get(key, key)
         if tie not in loaded_ties and tie not in mismatched_ties:
-            report.missing_keys.append(key)
+            (report.frozen_keys if key in left_out or tie in left_out else report.missing_keys).append(key)
     report.missing_keys.extend(key for key in extra if key not in found)
     return Matched(per_file, report, found)
 

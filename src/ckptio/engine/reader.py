@@ -127,6 +127,12 @@ def read_safetensors_box(path: str, fd, info: TensorInfo, region: Region, out: t
         out[row - start_row : end - start_row].copy_(block[(slice(None), *inner)])
 
 
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether a weights file is safetensors: by its bytes, or a placeholder of a store's object
+    (empty here, read by byte ranges: only safetensors files are)."""
+    return reading.remote_object(path) is not None or sniff.is_safetensors_file(path)
+
+
 class TensorFile:
     """A weights file (safetensors or ``torch.save``) opened once; the header is validated on open.
     A DCP folder's ``.metadata`` opens as a :class:`DcpFile` (its model's tensors)."""
@@ -141,8 +147,7 @@ class TensorFile:
         if not self.path.is_file():
             raise CheckpointNotFoundError("weights file named by the checkpoint is missing", path=self.path)
         parsed = header.parsed if header is not None else None
-        remote = reading.remote_object(self.path) is not None  # a placeholder of a store's object
-        st = parsed is not None or remote or sniff.is_safetensors_file(self.path)
+        st = parsed is not None or is_safetensors(self.path)
         source = reading.open_source(self.path) if st else None
         self._st = safetensors_format.SafetensorsReader.open(self.path, source, parsed) if st else None
         self._torch: dict[str, torch.Tensor] | None = None

@@ -16,6 +16,11 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 HF_CONFIG = "config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
 MANIFEST = "ckptio_manifest.json"
+# peft's adapter folder (PeftModel.save_pretrained / from_pretrained): weights + config; an
+# adapter other than "default" sits in a subfolder named after it
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+ADAPTER_CONFIG = "adapter_config.json"
 # a training checkpoint, ColossalChat's layout: epoch-E_step-S/ with these inside
 TRAINING_MODEL_DIR = "modeling"
 TRAINING_OPTIMIZER_DIR = "optimizer"

@@ -31,9 +31,10 @@ from typing import Any
 
 from ckptio.errors import CheckpointWriteError
 from ckptio.formats.naming import COMMIT_MARKER, DELETE_MARK, MANIFEST, OLD_MARK, REMOTE_VERSION_PREFIX, TMP_MARK
-from ckptio.storage.base import Commit, FileRecord
+from ckptio.storage.base import Commit, FileRecord, ReuseIndex
 from ckptio.storage.local import LocalFileWriter, fsync_dir
 from ckptio.storage.manifest import Manifest, read_manifest
+from ckptio.storage.reuse import index_folders
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -169,6 +170,12 @@ class FolderCommit(Commit):
 
     def abort(self) -> None:
         _remove(self.staging)
+
+    def reuse_index(self, references: Iterable[str] = ()) -> ReuseIndex | None:
+        """The files of the folder this save replaces and of the committed ``references`` (e.g.
+        the run's previous checkpoint), by content (:mod:`ckptio.storage.reuse`)."""
+        folders = dict.fromkeys([self.target, *(Path(os.path.abspath(r)) for r in references)])
+        return index_folders(f for f in folders if f != self.staging)
 
     def _carry_over(self, old: Manifest | None) -> dict[str, FileRecord]:
         """Hard-link what the old folder holds that this save does not own."""

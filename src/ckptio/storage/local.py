@@ -23,10 +23,12 @@ from ckptio.storage.base import (
     FileWriter,
     HashingStream,
     PositionalFile,
+    Reusable,
     WritesAbandoned,
     check_abandoned,
     new_hasher,
 )
+from ckptio.storage.reuse import link_file
 
 _PIECE = 64 * 1024 * 1024
 _SMALL = 1024 * 1024
@@ -194,6 +196,9 @@ class LocalFileWriter(FileWriter):
         except OSError as exc:
             raise _write_error(exc, str(path)) from exc
         return FileRecord(name, size, hasher.hexdigest())
+
+    def link(self, name: str, source: Reusable) -> FileRecord | None:
+        return source.record(name) if link_file(source, self.root / name) else None
 
     def _open(self, name: str):
         path = self.root / name

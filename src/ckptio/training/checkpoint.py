@@ -36,7 +36,7 @@ from ckptio.engine.save import FilesPart, save_parts
 from ckptio.errors import CheckpointFormatError, StateMismatchError
 from ckptio.formats import naming
 from ckptio.formats.hf_index import read_json_file
-from ckptio.layouts.detect import detect
+from ckptio.layouts.detect import detect, training_checkpoints_in
 from ckptio.layouts.model import MiB, ModelSaveOptions
 from ckptio.layouts.optimizer import OptimizerSaveOptions
 from ckptio.state.optimizer import register_model
@@ -107,6 +107,8 @@ def save_checkpoint(
     use_async: bool = False,
     extra_states: dict[str, Any] | None = None,
     stateful: Mapping[str, Any] | None = None,
+    only_trainable: bool = False,
+    reuse_unchanged: bool = True,
 ) -> Path:
     """Save model, optimizer, scheduler, position and RNG to ``save_dir/epoch-E_step-S``.
 
@@ -122,6 +124,15 @@ def save_checkpoint(
     and committed in the background (``booster.wait()`` makes it durable). Returns the path.
     An existing ``epoch-E_step-S`` folder is replaced atomically, whichever run wrote it
     (:class:`ckptio.CheckpointManager` is what refuses to overwrite another run's checkpoints).
+
+    ``only_trainable=True`` writes only the parameters that train (a LoRA run's adapters, the
+    unfrozen half of a model): the frozen ones are named in ``modeling/``'s index and come back
+    from the base weights, so load the base model first, then :func:`load_checkpoint` (see
+    :meth:`ckptio.checkpoint_io.base.CheckpointIO.save_model`). Otherwise frozen parameters are
+    saved in shards of their own, and with ``reuse_unchanged`` (the default, local folders) every
+    weights file whose bytes the newest other checkpoint in ``save_dir`` (or the folder being
+    replaced) already holds is hard-linked from it instead of written: each checkpoint stays a
+    complete folder, and deleting one leaves the others whole (:mod:`ckptio.storage.reuse`).
 
     Args:
         save_dir: the run's folder, local or an fsspec URL.
@@ -140,6 +151,8 @@ def save_checkpoint(
         extra_states: JSON values stored in ``running_states.json`` under ``extra_states``.
         stateful: ``{name: object}`` with ``state_dict``/``load_state_dict`` (an EMA, a data
             loader), saved under ``stateful/<name>`` and restored by :func:`load_checkpoint`.
+        only_trainable: write only the parameters that train (see above).
+        reuse_unchanged: hard-link weights files whose bytes an earlier checkpoint already holds.
 
     Returns:
         The checkpoint's path (a URL for a URL ``save_dir``).
@@ -153,7 +166,9 @@ def save_checkpoint(
     if optimizer is not None:
         register_model(optimizer, model)
     max_bytes = max(1, int(size_per_shard * MiB))
-    model_opts = ModelSaveOptions(shard=True, max_shard_bytes=max_bytes, use_safetensors=use_safetensors)
+    model_opts = ModelSaveOptions(
+        shard=True, max_shard_bytes=max_bytes, use_safetensors=use_safetensors, only_trainable=bool(only_trainable)
+    )
     optim_opts = OptimizerSaveOptions(shard=True, max_shard_bytes=max_bytes, layout=io.optimizer_layout)
     running: dict[str, Any] = {
         "epoch": epoch,
@@ -180,9 +195,22 @@ def save_checkpoint(
     parts += stateful_parts(stateful, io.group)
     parts.append(FilesPart({rng.rng_file_name(group.rank): rng.rng_state_bytes(group.rank)}, master_only=False))
     parts.append(FilesPart({RUNNING_STATES: running_bytes}, master_only=True))
+    reuse = _previous_checkpoint(save_dir, target) if reuse_unchanged else None
     # use_async: booster.wait() makes it durable
-    io.save_parts(target, parts, folder=True, group=group, use_async=use_async, what=f"training checkpoint {target}")
+    io.save_parts(
+        target, parts, folder=True, group=group, use_async=use_async, what=f"training checkpoint {target}",
+        reuse=reuse,
+    )  # fmt: skip
     return target if is_url(target) else Path(target)
+
+
+def _previous_checkpoint(save_dir: str | os.PathLike, target: str) -> list[str]:
+    """The checkpoint a save in ``save_dir`` links its unchanged files from: the newest other
+    ``epoch-E_step-S`` folder there (none for a URL)."""
+    if is_url(normalize(save_dir)):
+        return []
+    others = [p for p in training_checkpoints_in(normalize(save_dir)) if os.path.abspath(p) != os.path.abspath(target)]
+    return [str(others[-1])] if others else []
 
 
 def load_checkpoint(

@@ -219,14 +219,14 @@ from ckptio import Booster
 from ckptio.storage import local
 original = local.LocalFileWriter.write
 def slow(self, name, chunks):
-    time.sleep(0.5)
+    time.sleep(float(sys.argv[3]))
     return original(self, name, chunks)
 torch.manual_seed(0)
 model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
 booster = Booster()
 booster.save_model(torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)]), sys.argv[1], shard=True)
 torch.save(model.state_dict(), sys.argv[2])
-local.LocalFileWriter.write = slow  # about 2 s of writing: several rounds of the writer's threads
+local.LocalFileWriter.write = slow  # several rounds of the writer's threads, each sys.argv[3] s long
 booster.save_model(model, sys.argv[1], shard=True, use_safetensors=True, size_per_shard=0.02, use_async=True)
 print("submitted", flush=True)
 time.sleep(60)
@@ -237,14 +237,16 @@ def test_ctrl_c_during_an_async_save_leaves_it_committed_or_nothing(tmp_path):
     """A real SIGINT: the first unwinds the main thread and exit waits for the save, which
     commits; a second one while exit waits stops the save, which removes its staging folder and
     leaves the previous checkpoint. Never a staging folder, never a half-written checkpoint.
-    Two children at once: one interrupted once, one twice."""
+    Two children at once: one interrupted once (about 2 s of writing), one twice (its writing
+    outlasts the test's steps, however loaded the machine: the second interrupt lands mid-save)."""
     import signal
 
     children = {}
     for interrupts in (1, 2):
         folder = tmp_path / str(interrupts)
         folder.mkdir()
-        argv = [sys.executable, "-c", _CTRL_C_CHILD, str(folder / "ckpt"), str(folder / "expected.pt")]
+        seconds_a_file = "0.5" if interrupts == 1 else "5"
+        argv = [sys.executable, "-c", _CTRL_C_CHILD, str(folder / "ckpt"), str(folder / "expected.pt"), seconds_a_file]
         children[interrupts] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     errors = {}
     try:
@@ -256,7 +258,7 @@ def test_ctrl_c_during_an_async_save_leaves_it_committed_or_nothing(tmp_path):
         for line in children[2].stderr:  # the first interrupt's traceback: the main thread has unwound
             if line.startswith("KeyboardInterrupt"):
                 break
-        time.sleep(0.3)  # exit is waiting for the save now (which has about 2 s of writing left)
+        time.sleep(0.3)  # exit is waiting for the save now (which has seconds of writing left)
         children[2].send_signal(signal.SIGINT)
         for interrupts, child in children.items():
             errors[interrupts] = child.communicate(timeout=120)[1]

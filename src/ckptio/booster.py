@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ckptio.async_io.writer import SaveHandle
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.general import GeneralCheckpointIO
 from ckptio.plugins.base import Plugin
@@ -60,6 +61,9 @@ class Booster:
             )
         if optimizer is not None and model is not None:
             register_model(optimizer, model)  # optimizer state is then saved by parameter name
+        # an async save's copy runs behind the loop: the optimizer's step and the model's forward
+        # wait for the copy of what they modify (and only for that)
+        self.checkpoint_io.guard(model, optimizer)
         return model, optimizer, criterion, dataloader, lr_scheduler
 
     def backward(self, loss, optimizer: Optimizer | None = None) -> None:
@@ -95,9 +99,15 @@ class Booster:
         size_per_shard: int = 1024,
         use_safetensors: bool = False,
         use_async: bool = False,
-    ) -> None:
-        """Save model weights (see :meth:`CheckpointIO.save_model`)."""
-        self.checkpoint_io.save_model(
+    ) -> SaveHandle:
+        """Save model weights (see :meth:`CheckpointIO.save_model`).
+
+        ``use_async=True`` returns before the state is copied: the boosted optimizer's ``step()``
+        and the boosted model's forward wait for the copy of what they modify; anything else
+        that changes the state in place calls :meth:`wait_staged` first. Returns a handle:
+        ``handle.staged.wait()`` (the state may change), ``handle.durable.wait()`` (committed).
+        """
+        return self.checkpoint_io.save_model(
             model, checkpoint, shard, gather_dtensor, prefix, size_per_shard, use_safetensors, use_async
         )
 
@@ -133,9 +143,9 @@ class Booster:
         prefix: str | None = None,
         size_per_shard: int = 1024,
         use_async: bool = False,
-    ) -> None:
-        """Save optimizer state (see :meth:`CheckpointIO.save_optimizer`)."""
-        self.checkpoint_io.save_optimizer(
+    ) -> SaveHandle:
+        """Save optimizer state (see :meth:`CheckpointIO.save_optimizer`); returns a handle as :meth:`save_model`."""
+        return self.checkpoint_io.save_optimizer(
             optimizer, checkpoint, shard, gather_dtensor, prefix, size_per_shard, use_async
         )
 
@@ -161,6 +171,13 @@ class Booster:
     def wait(self) -> None:
         """Block until every async save of this booster is durable; re-raise its error."""
         self.checkpoint_io.wait()
+
+    def wait_staged(self) -> None:
+        """Block until the async save in flight has copied the state: call it before changing the
+        state in place other than through the boosted optimizer's ``step()`` or the boosted
+        model's forward (``model.load_state_dict``, ``p.data.copy_``, an EMA update, a ``stateful=``
+        object's tensors). Never raises: a failed save raises from the next save or :meth:`wait`."""
+        self.checkpoint_io.wait_staged()
 
 
 def _mixed_precision_error(mixed_precision: Any, plugin: Plugin | None) -> Exception:

@@ -10,13 +10,17 @@ saves hand the path to the engine, whose commit the storage picks; loads read th
 from __future__ import annotations
 
 import os
+import time
+import weakref
 from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ckptio.async_io.writer import AsyncSaver
+from ckptio.async_io.staging import StagingOrder, StagingProgress
+from ckptio.async_io.writer import AsyncSaver, SaveHandle
 from ckptio.formats.naming import check_prefix
 from ckptio.layouts.model import MiB, ModelSaveOptions
 from ckptio.progress import module_nbytes, track_io
@@ -58,9 +62,14 @@ class CheckpointIO(ABC):
         size_per_shard: int = 1024,
         use_safetensors: bool = False,
         use_async: bool = False,
-    ) -> None:
+    ) -> SaveHandle:
         """Save model weights: one file at ``checkpoint``, or (``shard=True``) a folder of
-        shards of at most ``size_per_shard`` MiB with a Hugging Face index."""
+        shards of at most ``size_per_shard`` MiB with a Hugging Face index.
+
+        Returns the save's :class:`~ckptio.async_io.writer.SaveHandle` (``staged``, ``durable``);
+        with ``use_async=True`` the call returns before the state is copied (see :meth:`wait_staged`).
+        """
+        started = time.perf_counter()
         opts = ModelSaveOptions(
             shard=bool(shard),
             prefix=check_prefix(prefix),
@@ -70,7 +79,8 @@ class CheckpointIO(ABC):
         path = _check_path(checkpoint)
         self.wait()  # at most one save in flight: a save never races the previous async one
         with track_io("save model", lambda: module_nbytes(model), direction="write", quiet=bool(use_async)):
-            self._save_model(model, path, opts, gather_dtensor=gather_dtensor, use_async=bool(use_async))
+            handle = self._save_model(model, path, opts, gather_dtensor=gather_dtensor, use_async=bool(use_async))
+        return _timed(handle, started, f"model to {path}")
 
     def load_model(
         self,
@@ -131,12 +141,14 @@ class CheckpointIO(ABC):
         prefix: str | None = None,
         size_per_shard: int = 1024,
         use_async: bool = False,
-    ) -> None:
-        """Save optimizer state: one file, or (``shard=True``) a folder of shards."""
+    ) -> SaveHandle:
+        """Save optimizer state: one file, or (``shard=True``) a folder of shards. Returns the
+        save's handle, as :meth:`save_model`."""
+        started = time.perf_counter()
         prefix, max_shard_bytes = check_prefix(prefix), _check_size_per_shard(size_per_shard)
         path = _check_path(checkpoint)
         self.wait()
-        self._save_optimizer(
+        handle = self._save_optimizer(
             optimizer,
             path,
             shard=bool(shard),
@@ -145,6 +157,7 @@ class CheckpointIO(ABC):
             max_shard_bytes=max_shard_bytes,
             use_async=bool(use_async),
         )
+        return _timed(handle, started, f"optimizer to {path}")
 
     def load_optimizer(
         self,
@@ -190,11 +203,47 @@ class CheckpointIO(ABC):
             saver = self.__dict__["_async_saver"] = AsyncSaver()
         return saver
 
+    @property
+    def last_save(self) -> SaveHandle | None:
+        """The handle of the last async save (``save_checkpoint`` returns a path, not its handle)."""
+        saver = self.__dict__.get("_async_saver")
+        return saver.handle if saver is not None else None
+
     def wait(self) -> None:
         """Block until every async save started by this object is durable; re-raise its error."""
         saver = self.__dict__.get("_async_saver")
         if saver is not None:
             saver.wait()
+
+    def wait_staged(self, obj: object = None) -> float:
+        """Block until the async save in flight has copied the state, after which it may change in
+        place; ``obj`` (a guarded model or optimizer): only what it is about to modify. Returns the
+        seconds waited; never raises (a failed save raises from the next save or :meth:`wait`)."""
+        saver = self.__dict__.get("_async_saver")
+        return saver.wait_staged(obj) if saver is not None else 0.0
+
+    def guard(self, model: nn.Module | None = None, optimizer: Optimizer | None = None) -> None:
+        """Make ``optimizer.step()`` and ``model``'s forward wait for an async save's copy of what
+        they modify (the optimizer's parameters and state; the model's buffers, e.g. BatchNorm's
+        running statistics), and copy those first. ``Booster.boost`` calls it."""
+        guards = self.__dict__.setdefault("_guards", [])
+        for obj, register in (
+            (model, lambda o, hook: o.register_forward_pre_hook(hook, prepend=True)),
+            (optimizer, lambda o, hook: o.register_step_pre_hook(hook)),
+        ):
+            if obj is None or any(ref() is obj for ref in guards):
+                continue
+            guards.append(weakref.ref(obj))
+            register(obj, _StagingGuard(self))
+
+    def staging_progress(self) -> StagingProgress:
+        """The order of the next async save's copies: the guarded models' buffers first (their
+        forward comes first), then each guarded optimizer's parameters and state, then the rest."""
+        guarded = [ref() for ref in self.__dict__.get("_guards", [])]
+        models = [g for g in guarded if isinstance(g, nn.Module)]
+        optimizers = [g for g in guarded if g is not None and not isinstance(g, nn.Module)]
+        order = [(m, list(m.buffers())) for m in models] + [(o, _optimizer_tensors(o)) for o in optimizers]
+        return StagingProgress(StagingOrder(order))
 
     # ------------------------------------------------------------------ hooks
     @abstractmethod
@@ -216,3 +265,35 @@ class CheckpointIO(ABC):
 
     @abstractmethod
     def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None: ...
+
+
+def _timed(handle: SaveHandle | None, started: float, what: str) -> SaveHandle:
+    """The call's handle, with the time the call itself took (a hook without one gets a complete handle)."""
+    handle = handle if isinstance(handle, SaveHandle) else SaveHandle.completed(what)
+    handle.call_seconds = time.perf_counter() - started
+    return handle
+
+
+def _optimizer_tensors(optimizer: Optimizer) -> list[torch.Tensor]:
+    """What ``optimizer.step()`` modifies: its parameters and every tensor of its state."""
+    out = [p for group in optimizer.param_groups for p in group["params"]]
+    for state in optimizer.state.values():
+        out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+class _StagingGuard:
+    """The hook ``guard`` installs: waits, in the caller's thread, for the copy of what its model's
+    forward or its optimizer's step is about to modify. A pickled or deep-copied model or
+    optimizer gets an inert guard (a copy is not the live state of any save)."""
+
+    def __init__(self, io: CheckpointIO | None) -> None:
+        self._io = weakref.ref(io) if io is not None else None
+
+    def __call__(self, obj, *args) -> None:
+        io = self._io() if self._io is not None else None
+        if io is not None:
+            io.wait_staged(obj)
+
+    def __reduce__(self):
+        return (_StagingGuard, (None,))

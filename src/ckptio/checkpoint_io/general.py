@@ -4,9 +4,10 @@
 one: a plugin-less ``Booster`` in one process, or on the master alone of a multi-rank job.
 :class:`~ckptio.checkpoint_io.distributed.DistributedCheckpointIO` is the same class on a
 process group. Every save is a list of parts written into one commit
-(:func:`ckptio.engine.save.save_parts`); ``use_async=True`` stages the same parts and writes
-them on a background thread (:meth:`GeneralCheckpointIO.save_parts`), so sync and async, one
-rank and many, local and URL share one code path.
+(:func:`ckptio.engine.save.save_parts`); ``use_async=True`` takes references to the same parts'
+live tensors, then copies and writes them on a background thread
+(:meth:`GeneralCheckpointIO.save_parts`), so sync and async, one rank and many, local and URL
+share one code path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from ckptio.async_io.writer import SaveHandle
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.engine.group import Group, collective_step
 from ckptio.engine.load import load_state, match_files
@@ -28,7 +30,7 @@ from ckptio.engine.optimizer import (
     full_state_dict_on_master,
 )
 from ckptio.engine.optimizer import prepare_optimizer_load as read_optimizer_state
-from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, save_parts, stage_all
+from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, request_stages, save_parts, stage_all
 from ckptio.errors import StateMismatchError
 from ckptio.formats import colossal_optim
 from ckptio.formats import extra_state as extra_state_format
@@ -51,8 +53,9 @@ from ckptio.state.report import LoadReport
 class GeneralCheckpointIO(CheckpointIO):
     """Saves and loads on this process alone (a world of one), with the multi-rank engine.
 
-    ``use_async=True`` copies the state into reused host buffers and returns; a background
-    thread writes and commits it (``booster.wait()`` makes it durable).
+    ``use_async=True`` returns at once; a background thread copies the state into reused host
+    buffers (the boosted optimizer's ``step()`` and model's forward wait for the copies of what
+    they modify), then writes and commits it (``booster.wait()`` makes it durable).
     """
 
     #: Layout of sharded optimizer saves: "ckptio" (parameter names, safetensors + JSON, the
@@ -153,23 +156,28 @@ class GeneralCheckpointIO(CheckpointIO):
         group: Group | None = None,
         use_async: bool = False,
         what: str = "checkpoint",
-    ) -> None:
+    ) -> SaveHandle:
         """Write ``parts`` into one commit of ``checkpoint`` over ``group`` (default: this IO's).
 
-        ``use_async``: stage now, write in the background; stays synchronous when a part cannot
-        be staged without collectives on its mesh (``Partial`` placements, strided shards) or no
-        background group can exist (a plugin on a subgroup). Every rank reaches the same answer.
+        ``use_async``: take references to the live tensors now, copy and write them on the
+        background thread; stays synchronous when a part cannot be staged without collectives on
+        its mesh (``Partial`` placements, strided shards) or no background group can exist (a
+        plugin on a subgroup). Every rank reaches the same answer. Returns the save's handle.
         """
         group = group or self.group
         extra = self.manifest_extra()
         background = self.background_group(group) if use_async else None
         if background is None or not all(p.stageable() for p in parts):
             save_parts(checkpoint, parts, group, folder=folder, owns=owns, manifest_extra=extra)
-            return
-        self.async_saver.submit(
-            lambda staging: stage_all(parts, staging, group, background, what),
+            return SaveHandle.completed(what)
+        self.async_saver.wait()  # the previous save's buffers are free and its error raised before anything starts
+        requests = request_stages(parts, group, background, what)
+        progress = self.staging_progress()
+        return self.async_saver.submit(
+            lambda staging: stage_all(requests, staging, background, what, progress),
             lambda staged: save_parts(checkpoint, staged, background, folder=folder, owns=owns, manifest_extra=extra),
             what=what,
+            progress=progress,
         )
 
     # ------------------------------------------------------------------ model
@@ -177,8 +185,8 @@ class GeneralCheckpointIO(CheckpointIO):
         extra = hf_config_files(unwrap_model(model)) if opts.shard else {}
         part = self.model_part(model, opts, checkpoint=checkpoint, extra_files=extra)
         owns = model_owned_files(opts.prefix, extra)
-        self.save_parts(checkpoint, [part], folder=opts.shard, owns=owns, use_async=use_async,
-                        what=f"model to {checkpoint}")  # fmt: skip
+        return self.save_parts(checkpoint, [part], folder=opts.shard, owns=owns, use_async=use_async,
+                               what=f"model to {checkpoint}")  # fmt: skip
 
     def _load_model(
         self, model: nn.Module, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify, key_map,
@@ -198,8 +206,8 @@ class GeneralCheckpointIO(CheckpointIO):
             shard, prefix, max_shard_bytes, self.optimizer_layout, single_file_format(checkpoint)
         )
         part = self.optimizer_part(optimizer, opts, checkpoint=checkpoint)
-        self.save_parts(checkpoint, [part], folder=shard, owns=owned_files(prefix), use_async=use_async,
-                        what=f"optimizer to {checkpoint}")  # fmt: skip
+        return self.save_parts(checkpoint, [part], folder=shard, owns=owned_files(prefix), use_async=use_async,
+                               what=f"optimizer to {checkpoint}")  # fmt: skip
 
     def _load_optimizer(self, optimizer, checkpoint: str, *, low_cpu_mem_mode, num_threads, verify):
         # Checked and read on every rank first: no rank changes its optimizer unless every rank can.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -107,12 +108,16 @@ def save_checkpoint(
     ``state_dict()`` / ``load_state_dict()`` by name (a ``GradScaler``, an EMA, a data loader),
     each saved as its state (tensors in safetensors, the rest as JSON, see
     :mod:`ckptio.training.stateful`) and restored by :func:`load_checkpoint` given the same
-    names. ``use_async=True`` returns once model
-    and optimizer are staged (on several ranks, each rank's own parts); the folder is written
-    and committed in the background (``booster.wait()`` makes it durable). Returns the path.
+    names. ``use_async=True`` returns before the state is copied: the
+    copy (on several ranks, each rank's own parts), then the folder, are written and committed in
+    the background (``booster.wait()`` makes it durable; ``booster.checkpoint_io.last_save`` is
+    the save's handle). The boosted optimizer's ``step()`` and model's forward wait for the copy
+    of what they modify; call ``booster.wait_staged()`` before changing anything else in place
+    (``stateful`` objects' tensors included). Returns the path.
     An existing ``epoch-E_step-S`` folder is replaced atomically, whichever run wrote it
     (:class:`ckptio.CheckpointManager` is what refuses to overwrite another run's checkpoints).
     """
+    started = time.perf_counter()
     epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
     stateful = check_stateful(stateful)
     coordinator = coordinator or DistCoordinator()
@@ -149,8 +154,11 @@ def save_checkpoint(
     parts += stateful_parts(stateful, io.group)
     parts.append(FilesPart({rng.rng_file_name(group.rank): rng.rng_state_bytes(group.rank)}, master_only=False))
     parts.append(FilesPart({RUNNING_STATES: running_bytes}, master_only=True))
-    # use_async: booster.wait() makes it durable
-    io.save_parts(target, parts, folder=True, group=group, use_async=use_async, what=f"training checkpoint {target}")
+    # use_async: booster.wait() makes it durable; its handle is io.last_save
+    handle = io.save_parts(
+        target, parts, folder=True, group=group, use_async=use_async, what=f"training checkpoint {target}"
+    )
+    handle.call_seconds = time.perf_counter() - started
     return target if is_url(target) else Path(target)
 
 

@@ -23,8 +23,9 @@ and checkpoint (buffers allocated, writer processes started) and a ``sync``. Per
 Modes (``--modes main``): ``none``; ``ckptio sync``: ``save_checkpoint(...)``; ``ckptio async``:
 ``save_checkpoint(..., use_async=True)`` (the library's defaults); ``dcp thread`` /
 ``dcp process``: ``dcp.async_save(get_state_dict(model, optimizer), async_checkpointer_type=...)``
-as documented (its default stager copies during the call), the previous save's future awaited
-before the next; ``dcp thread/process, async staging``: the same with a persistent
+as documented (its default stager copies during the call; a gloo group of its own, as
+torchtitan gives it), the previous save's future awaited before the next;
+``dcp thread/process, async staging``: the same with a persistent
 ``DefaultStager(use_async_staging=True)`` (its zero-overhead mode: the loop waits for the staging
 future before ``optimizer.step()``). ``--modes writers`` (one process): ckptio async with its
 writer thread at the loop's priority or at nice 19 + idle I/O class, and the persistent writer
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import shutil
 import statistics
 import sys
@@ -158,6 +160,8 @@ class Dcp(NoCheckpoint):
         self.kind = AsyncCheckpointerType.PROCESS if process else AsyncCheckpointerType.THREAD
         # pinned memory and non-blocking copies need an accelerator; shared memory for the process
         self.stager = DefaultStager(StagingOptions(False, process, True, False)) if async_staging else None
+        # a group of its own, as torchtitan does: the save's collectives must not interleave with FSDP's
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._upload = None
         self._staging = None
         self._pending: float | None = None
@@ -175,6 +179,7 @@ class Dcp(NoCheckpoint):
             checkpoint_id=str(self.root / f"step-{n % 2}"),
             async_checkpointer_type=self.kind,
             async_stager=self.stager,
+            process_group=self.group,
         )
         if hasattr(response, "upload_completion"):
             self._upload, self._staging = response.upload_completion, response.staging_completion
@@ -359,7 +364,18 @@ def main(argv=None) -> int:
         procs = [ctx.Process(target=_worker, args=(r, args.nproc, args, workdir, results)) for r in range(args.nproc)]
         for p in procs:
             p.start()
-        reports = dict((rank, (ok, value)) for rank, ok, value in (results.get(timeout=6 * 3600) for _ in procs))
+        reports = {}
+        while len(reports) < len(procs):
+            try:
+                rank, ok, value = results.get(timeout=10)
+                reports[rank] = (ok, value)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reports]
+                if dead:  # a rank died without reporting (e.g. a native abort): do not wait forever
+                    for p in procs:
+                        p.kill()
+                    print(f"rank(s) {dead} died: exit codes {[procs[r].exitcode for r in dead]}", file=sys.stderr)
+                    return 1
         for p in procs:
             p.join(120)
     finally:

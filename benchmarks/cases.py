@@ -212,5 +212,8 @@ TOOLS: list[Tool] = [
     Tool("dcp", "torch.distributed.checkpoint", dcp_save, dcp_load),
 ]
 
+# Tools that need a transformers PreTrainedModel (skipped for `--many-small`).
+NEEDS_PRETRAINED = {"transformers"}
+
 # Tools that share another tool's saved files (timed once, loaded from that tool's path).
 SAVED_BY = {"ckptio_t2": "ckptio", "torch_mmap": "torch"}

@@ -16,6 +16,9 @@ Rows, with the time as a ratio to ckptio's default save or load of the same layo
   files a multi-rank save must reproduce byte for byte);
 * ``dcp``: ``dcp.save`` / ``dcp.load`` of ``model.state_dict()`` (DCP's own format, which
   ``transformers`` cannot load);
+* ``dcp, HF writer + consolidation``: DCP's ``HuggingFaceStorageWriter`` with
+  ``save_distributed=True, enable_consolidation=True``: each rank writes its shards, then they
+  are consolidated into full-tensor safetensors files (what a Hugging Face folder needs);
 * loads into the live sharded model: ckptio reads only each rank's boxes, DCP too.
 
 Writes ``ranks.json`` into ``--out``.
@@ -44,7 +47,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import gpt_config  # noqa: E402
+from run import MiB, gpt_config  # noqa: E402
 
 
 def _model(size_gb: float):
@@ -118,7 +121,29 @@ def _worker(rank: int, nproc: int, args, workdir: Path, results) -> None:
         def dcp_save():
             dcp.save(live.state_dict(), checkpoint_id=str(root / "dcp"))
 
-        saves = {"ckptio": ckptio_save(True), "ckptio, gathered": ckptio_save(False), "dcp": dcp_save}
+        def dcp_hf_save():
+            # DCP's Hugging Face writer: each rank writes its shards, then they are consolidated into
+            # full-tensor safetensors files (about 1 GB each, as ckptio's shards) that transformers loads
+            sd = dict(live.state_dict())
+            sd.pop("lm_head.weight", None)  # tied to wte (it refuses shared tensors; save_pretrained drops it too)
+            sizes, index, used = {}, {}, 0
+            for fqn, t in sd.items():
+                used += t.numel() * t.element_size()
+                index[fqn] = 1 + used // (shard_mib * MiB)
+                sizes[fqn] = t.numel()
+            writer = dcp.HuggingFaceStorageWriter(
+                str(root / "dcp_hf"), fqn_to_index_mapping=index, save_distributed=True, enable_consolidation=True
+            )
+            dcp.save(sd, storage_writer=writer)
+            if rank == 0:
+                _fsync_tree(root / "dcp_hf")
+
+        saves = {
+            "ckptio": ckptio_save(True),
+            "ckptio, gathered": ckptio_save(False),
+            "dcp": dcp_save,
+            "dcp, HF writer + consolidation": dcp_hf_save,
+        }
         loads = {
             "ckptio": lambda: booster.load_model(model, root / "ckptio"),
             "dcp": lambda: dcp.load(live.state_dict(), checkpoint_id=str(root / "dcp")),
@@ -128,7 +153,7 @@ def _worker(rank: int, nproc: int, args, workdir: Path, results) -> None:
         for repeat in range(args.repeats):
             order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:
-                clear(root / ("dcp" if name == "dcp" else "ckptio"))
+                clear(root / {"dcp": "dcp", "dcp, HF writer + consolidation": "dcp_hf"}.get(name, "ckptio"))
                 samples.setdefault(f"save | {name}", []).append(_timed(saves[name]))
             for name in ("ckptio", "dcp"):  # the files of the last saves, warm in the page cache
                 if name == "ckptio":
@@ -190,11 +215,11 @@ def main(argv=None) -> int:
     medians = {k: statistics.median(v) for k, v in samples.items()}
     nbytes = sum(t.numel() * t.element_size() for t in _model(args.size_gb).state_dict().values())
     print(f"{args.layout} on {args.nproc} ranks, {nbytes / 1e9:.2f} GB float32, median of {args.repeats}")
-    print(f"{'operation':<8} {'tool':<24} {'median s':>9} {'GB/s':>6} {'/ ckptio':>9}")
+    print(f"{'operation':<8} {'tool':<32} {'median s':>9} {'GB/s':>6} {'/ ckptio':>9}")
     for key in sorted(medians, key=lambda k: (k.split(" | ")[0] != "save", k)):
         op, tool = key.split(" | ")
         ref = medians[f"{op} | ckptio"]
-        print(f"{op:<8} {tool:<24} {medians[key]:>9.3f} {nbytes / 1e9 / medians[key]:>6.2f} {medians[key] / ref:>9.2f}")
+        print(f"{op:<8} {tool:<32} {medians[key]:>9.3f} {nbytes / 1e9 / medians[key]:>6.2f} {medians[key] / ref:>9.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ranks.json").write_text(json.dumps({"args": vars(args), "bytes": nbytes, "samples": samples}, indent=1))

@@ -35,10 +35,15 @@ def rows(result: dict) -> list[dict]:
     return out
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
 def table(result: dict) -> str:
     m = result["machine"]
     head = (
-        f"{result['size_bytes'] / 1e9:.2f} GB float32 GPT-2-shaped state dict ({result['tensors']} tensors), "
+        f"{_size(result['size_bytes'])} {result.get('state', 'float32 GPT-2-shaped state dict')} "
+        f"({result['tensors']} tensors), "
         f"median of {result['repeats']}, {m['date_utc']}, {m.get('cpu', '?')}, {m['cpus']} CPUs, "
         f"{m['memory_gib']} GiB, torch {m['torch']}"
     )

@@ -2,6 +2,8 @@
 
     bash scripts/bench.sh                       # about 1 GiB of float32, 3 repeats
     .venv/bin/python benchmarks/run.py --size-gb 0.2 --repeats 5
+    .venv/bin/python benchmarks/run.py --many-small 5000 --tools raw ckptio safetensors --no-cold
+                                                # 5,000 tensors of 16 floats: per-tensor costs
 
 Everything runs in ONE process, on one state dict, so ratios compare like with like; the
 tools take turns inside each repeat (the order rotates) so a slow moment of the disk hits
@@ -110,6 +112,18 @@ def gpt_config(size_bytes: int):
     )
 
 
+def small_tensors_context(count: int, root: Path, shard_mib: int) -> cases.Context:
+    """``count`` tensors of 16 float32 each: what per-tensor costs (headers, one read or one
+    Python object per tensor) weigh when the bytes are few (embedding tables split per row,
+    many LoRA adapters, optimizer scalars)."""
+    torch.manual_seed(0)
+    model = torch.nn.ParameterDict({f"t{i}": torch.nn.Parameter(torch.randn(16), requires_grad=False)
+                                    for i in range(count)})  # fmt: skip
+    state = {k: t.detach() for k, t in model.state_dict().items()}
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    return cases.Context(model, state, root, shard_mib, torch.ones(nbytes, dtype=torch.uint8))
+
+
 def build_context(size_gb: float, root: Path, shard_mib: int) -> cases.Context:
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -159,7 +173,13 @@ def run(args: argparse.Namespace) -> dict:
 
     tools = [t for t in cases.TOOLS if not args.tools or t.name in args.tools or t.name in ("raw", "ckptio")]
     root = Path(tempfile.mkdtemp(prefix="ckptio-bench-", dir=args.dir))
-    ctx = build_context(args.size_gb, root, args.shard_mib)
+    if args.many_small:
+        tools = [t for t in tools if t.name not in cases.NEEDS_PRETRAINED]
+        ctx = small_tensors_context(args.many_small, root, args.shard_mib)
+        described = f"{args.many_small} float32 tensors of 16 elements"
+    else:
+        ctx = build_context(args.size_gb, root, args.shard_mib)
+        described = "float32 GPT-2-shaped state dict"
     nbytes = ctx.read_buffer.numel()
     samples: dict[str, dict[str, list]] = {}
     notes: list[str] = []
@@ -220,6 +240,7 @@ def run(args: argparse.Namespace) -> dict:
     shard_sizes = _largest_shard(ctx)
     return {
         "machine": machine(),
+        "state": described,
         "size_bytes": nbytes,
         "tensors": len(ctx.state),
         "repeats": args.repeats,
@@ -252,6 +273,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=1.0, help="seconds of rest after a sync, before each save")
     parser.add_argument("--no-cold", action="store_true", help="skip cold-cache loads")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--many-small",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the GPT-2 state: N tensors of 16 floats (per-tensor costs); skips transformers",
+    )
     return parser.parse_args(argv)
 
 

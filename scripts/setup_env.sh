@@ -18,5 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     }
     pip_install torch
     pip_install -e ".[dev]"
+    # torchtitan only for its CheckpointManager in tests: without its training stack's requirements.
+    pip_install --no-deps torchtitan spmd_types
     echo "$want" > "$stamp"
 fi

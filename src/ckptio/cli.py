@@ -3,7 +3,9 @@
 Wiring only: each command calls :mod:`ckptio.tools` and prints what it returns. Every command
 takes a local path or an fsspec URL (``s3://bucket/run/ckpt``). Exit codes: 0 all good, 1 the
 check failed (``verify`` found a problem, ``diff`` found a difference), 2 bad input (missing
-path, unreadable checkpoint, wrong option).
+path, unreadable checkpoint, no checkpoint there, wrong option). With ``--json`` every outcome
+is one JSON object on stdout, errors included (``{"error": ..., "path": ...}``, exit code 2), so
+a script reads stdout whatever happened; without it errors go to stderr as ``error: ...``.
 """
 
 from __future__ import annotations
@@ -18,17 +20,41 @@ import click
 from ckptio.errors import CheckpointError
 from ckptio.storage.location import exists, is_url, local_path
 from ckptio.tools import convert_checkpoint, diff_checkpoints, inspect_checkpoint, verify_checkpoint
+from ckptio.tools.convert import key_map_from_expressions
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
+_JSON = "ckptio.json"  # ctx.meta key (shared by the group's and the command's contexts): --json given
+
+
 class BadInput(click.ClickException):
-    """A problem with what the user passed: printed as ``error: ...``, exit code 2."""
+    """A problem with what the user passed: ``error: ...`` on stderr, or with ``--json`` the
+    object ``{"error": ..., "path": ...}`` on stdout; exit code 2."""
 
     exit_code = EXIT_BAD_INPUT
 
+    def __init__(self, message: str, *, path: str | None = None, as_json: bool = False) -> None:
+        super().__init__(message)
+        self.path = path
+        self.as_json = as_json
+
     def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        if self.as_json:
+            click.echo(json.dumps({"error": self.format_message(), "path": self.path}, indent=1))
+        else:
+            click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[_JSON] = True
+    return value
+
+
+def _json_option(help: str):
+    """``--json``, parsed before the other arguments so that their errors are JSON too."""
+    return click.option("--json", "as_json", is_flag=True, is_eager=True, callback=_remember_json, help=help)
 
 
 def _checkpoint_arg(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -36,13 +62,13 @@ def _checkpoint_arg(ctx: click.Context, param: click.Parameter, value: str) -> s
     try:
         return local_path(value)
     except CheckpointError as exc:
-        raise BadInput(str(exc)) from exc
+        raise BadInput(str(exc), path=value) from exc
 
 
 def _must_exist(path: str) -> None:
     """A local path that is not there; a URL's problems come from reading it (an incomplete save says so)."""
     if not is_url(path) and not exists(path):
-        raise BadInput(f"{path}: no such file or folder")
+        raise BadInput(f"{path}: no such file or folder", path=path)
 
 
 def _human(n: float) -> str:
@@ -63,18 +89,26 @@ class _Group(click.Group):
     """Turns a checkpoint error anywhere in a command into ``error: ...`` and exit code 2."""
 
     def invoke(self, ctx: click.Context):
+        as_json = lambda: bool(ctx.meta.get(_JSON))  # noqa: E731 (set while the command's options parse)
         try:
             return super().invoke(ctx)
+        except BadInput as exc:
+            exc.as_json = as_json()
+            raise
+        except click.UsageError as exc:
+            if not as_json():
+                raise
+            raise BadInput(exc.format_message(), as_json=True) from exc
         except CheckpointError as exc:
-            raise BadInput(str(exc)) from exc
+            raise BadInput(str(exc), path=exc.path, as_json=as_json()) from exc
         except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
             with contextlib.suppress(OSError):
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (nothing more may reach the closed pipe)
             ctx.exit(0)
         except OSError as exc:
-            if exc.filename is None:
-                raise BadInput(str(exc.strerror or exc)) from exc
-            raise BadInput(f"{exc.filename}: {exc.strerror or exc}") from exc
+            path = None if exc.filename is None else os.fspath(exc.filename)
+            message = str(exc.strerror or exc) if path is None else f"{path}: {exc.strerror or exc}"
+            raise BadInput(message, path=path, as_json=as_json()) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -98,7 +132,7 @@ def main() -> None:
 @main.command()
 @click.argument("path", callback=_checkpoint_arg)
 @click.option("--tensors", is_flag=True, help="Also list every tensor with its dtype, shape and file.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts) instead of text.")
+@_json_option("Print one JSON object (for scripts) instead of text, errors too.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar while downloading a URL.")
 def inspect(path: str, tensors: bool, as_json: bool, quiet: bool) -> None:
     """Show what a checkpoint holds: format, files, tensor count, parameters, bytes and dtypes.
@@ -191,7 +225,7 @@ def _print_runs(report: dict) -> None:
 @main.command()
 @click.argument("path", callback=_checkpoint_arg)
 @click.option("--no-checksums", is_flag=True, help="Check sizes only (fast); skip re-hashing every byte.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@_json_option("Print one JSON object instead of text, errors too.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems; no progress bar.")
 def verify(path: str, no_checksums: bool, as_json: bool, quiet: bool) -> None:
     """Check a checkpoint: file sizes and checksums (against ckptio's manifest), every index
@@ -233,23 +267,52 @@ def verify(path: str, no_checksums: bool, as_json: bool, quiet: bool) -> None:
     help="File format when DST is a folder (a single-file DST takes its format from its suffix).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (atomically).")
+@click.option(
+    "--key-map",
+    "key_map",
+    multiple=True,
+    metavar="EXPR",
+    help="Rename keys on the way, sed-like, Python regex; repeat to chain: 's/^model\\.//' strips a prefix, "
+    "'s/\\.wq\\./.q_proj./g' renames, '/freqs_cis$/d' leaves keys out.",
+)
+@_json_option("Print one JSON object (what was written, or the error) instead of text.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def convert(src: str, dst: str, size_per_shard: float, fmt: str, overwrite: bool, quiet: bool) -> None:
+def convert(
+    src: str,
+    dst: str,
+    size_per_shard: float,
+    fmt: str,
+    overwrite: bool,
+    key_map: tuple[str, ...],
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Rewrite the model checkpoint SRC as DST, in Hugging Face layout.
 
     \b
     DST ending in .safetensors or .bin  -> one file (a sharded SRC is consolidated)
     any other DST                       -> a folder of shards of at most --size-per-shard MiB
                                            with an index JSON (re-sharding, .bin <-> safetensors,
-                                           ColossalAI layout -> Hugging Face layout)
+                                           ColossalAI layout or a torch.distributed.checkpoint /
+                                           torchtitan folder -> Hugging Face layout)
 
-    Tensors are read shard by shard: at most one destination shard is in memory at a time
-    (a single .safetensors DST streams tensor by tensor; a single .bin DST needs them all,
-    since torch.save does). config.json and generation_config.json are copied along.
+    Tensors are read as they are written: into safetensors files in pieces of at most 16 MiB
+    from safetensors or DCP sources (whole tensors from .bin ones), so memory stays small
+    whatever the model size; a .bin DST holds one of its files' tensors at a time (torch.save
+    needs them all). config.json and generation_config.json are copied along.
     """
     _must_exist(src)
-    result = convert_checkpoint(src, dst, size_per_shard=size_per_shard, fmt=fmt, overwrite=overwrite, quiet=quiet)
-    if not quiet:
+    try:
+        mapping = key_map_from_expressions(key_map) if key_map else None
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    quiet = quiet or as_json
+    result = convert_checkpoint(
+        src, dst, size_per_shard=size_per_shard, fmt=fmt, overwrite=overwrite, quiet=quiet, key_map=mapping
+    )
+    if as_json:
+        click.echo(json.dumps({"src": src, "dst": dst, **result}, indent=1))
+    elif not quiet:
         click.echo(f"wrote {dst} ({result['tensors']} tensors, {_human(result['bytes'])})")
 
 
@@ -258,7 +321,7 @@ def convert(src: str, dst: str, size_per_shard: float, fmt: str, overwrite: bool
 @click.argument("a", callback=_checkpoint_arg)
 @click.argument("b", callback=_checkpoint_arg)
 @click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Largest allowed |a - b|.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@_json_option("Print one JSON object instead of text, errors too.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line; no progress bar.")
 def diff(a: str, b: str, atol: float, as_json: bool, quiet: bool) -> None:
     """Compare the tensors of two model checkpoints, in any formats and layouts.

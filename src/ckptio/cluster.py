@@ -22,31 +22,41 @@ def _initialized() -> bool:
 
 
 class DistCoordinator:
-    """Rank facts and master-only helpers (ColossalAI's names)."""
+    """Rank facts and master-only helpers (ColossalAI's names).
+
+    Args:
+        group: the process group to describe (None: the default group, or a world of one).
+    """
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
 
     @property
     def rank(self) -> int:
+        """This process's rank in the group (``RANK`` before the group exists, else 0)."""
         return dist.get_rank(self.group) if _initialized() else int(os.environ.get("RANK", 0))
 
     @property
     def world_size(self) -> int:
+        """The number of ranks in the group (``WORLD_SIZE`` before the group exists, else 1)."""
         return dist.get_world_size(self.group) if _initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
     @property
     def local_rank(self) -> int:
+        """The rank on this machine (``LOCAL_RANK``), which picks the GPU."""
         return int(os.environ.get("LOCAL_RANK", self.rank if self.world_size == 1 else os.environ.get("LOCAL_RANK", 0)))
 
     @property
     def is_distributed(self) -> bool:
+        """Whether a process group of more than one rank is initialised."""
         return _initialized() and self.world_size > 1
 
     def is_master(self) -> bool:
+        """Whether this is rank 0, which writes shared files."""
         return self.rank == 0
 
     def is_last_process(self) -> bool:
+        """Whether this is the highest rank."""
         return self.rank == self.world_size - 1
 
     def block_all(self) -> None:
@@ -55,6 +65,12 @@ class DistCoordinator:
             dist.barrier(group=self.group)
 
     def print_on_master(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on rank 0 only.
+
+        Args:
+            args: what ``print`` takes.
+            kwargs: what ``print`` takes (``file``, ``flush``, ...).
+        """
         if self.is_master():
             print(*args, **kwargs)
 
@@ -75,7 +91,11 @@ class DistCoordinator:
     @contextlib.contextmanager
     def priority_execution(self, executor_rank: int = 0) -> Iterator[None]:
         """The ``executor_rank`` runs the block first (e.g. to download or build a cache),
-        the other ranks run it after it finished."""
+        the other ranks run it after it finished.
+
+        Args:
+            executor_rank: the rank that goes first.
+        """
         if self.rank != executor_rank:
             self.block_all()
         yield

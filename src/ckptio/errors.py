@@ -11,7 +11,12 @@ import os
 
 
 class CheckpointError(Exception):
-    """Base class of every error ckptio raises about a checkpoint or its inputs."""
+    """Base class of every error ckptio raises about a checkpoint or its inputs.
+
+    Args:
+        message: what is wrong (and what to do).
+        path: the file or folder concerned, put first in the message and kept as ``.path``.
+    """
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None) -> None:
         self.path = None if path is None else os.fspath(path)
@@ -35,7 +40,13 @@ class UnsafeCheckpointError(CheckpointError, PermissionError):
 
 
 class StateMismatchError(CheckpointError, ValueError):
-    """The checkpoint does not fit the live model or optimizer (keys, shapes, dtypes)."""
+    """The checkpoint does not fit the live model or optimizer (keys, shapes, dtypes).
+
+    Args:
+        message: what does not fit.
+        path: the checkpoint.
+        report: the :class:`LoadReport` of a model load, kept as ``.report``.
+    """
 
     def __init__(self, message: str, *, path=None, report=None) -> None:
         self.report = report

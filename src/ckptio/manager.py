@@ -35,7 +35,7 @@ from ckptio.errors import (
     DistributedCheckpointError,
     StateMismatchError,
 )
-from ckptio.formats.naming import OLD_MARK, TMP_MARK
+from ckptio.formats.naming import OLD_MARK, TMP_MARK, parse_foreign_checkpoint_name
 from ckptio.storage import atomic
 from ckptio.storage.location import is_url, local_path
 from ckptio.storage.manifest import read_manifest
@@ -70,15 +70,20 @@ def _positive_or_none(name: str, value: int | None) -> int | None:
 class CheckpointManager:
     """Saves training checkpoints under ``save_dir``, keeps the newest few, resumes from the newest good one.
 
-    ``keep_last``: how many of the newest checkpoints rotation keeps (``None`` keeps all).
-    ``keep_every``: checkpoints whose ``step`` is a multiple of it are never rotated away.
-    ``save_every``: :meth:`save` writes only when ``step`` is a multiple of it (``force=True``
-    overrides), so the loop can call it every step.
-
-    ``discard_existing``: whether this run may replace the checkpoints already in ``save_dir``
-    that it did not resume from. By default :meth:`save` refuses (``CheckpointExistsError``)
-    while the folder holds any; with ``True`` a same-named save replaces one and the rest are
-    deleted once this run's first checkpoint is committed, so ``latest()`` never mixes two runs.
+    Args:
+        save_dir: the run's folder (local or mounted); checkpoints are ``epoch-E_step-S`` in it.
+        booster: the Booster whose CheckpointIO saves and loads.
+        keep_last: how many of the newest checkpoints rotation keeps (``None`` keeps all).
+        keep_every: checkpoints whose ``step`` is a multiple of it are never rotated away.
+        save_every: :meth:`save` writes only when ``step`` is a multiple of it (``force=True``
+            overrides), so the loop can call it every step.
+        coordinator: the ranks that save together (default: a ``DistCoordinator`` of the
+            default group).
+        discard_existing: whether this run may replace the checkpoints already in ``save_dir``
+            that it did not resume from. By default :meth:`save` refuses
+            (``CheckpointExistsError``) while the folder holds any; with ``True`` a same-named
+            save replaces one and the rest are deleted once this run's first checkpoint is
+            committed, so ``latest()`` never mixes two runs.
 
     Every rank calls every method; the master decides (what is whose, what to delete) and only
     the master deletes. Local paths only: object-store URLs work with
@@ -117,7 +122,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ saving
     def should_save(self, step: int) -> bool:
-        """Whether :meth:`save` at ``step`` writes (``save_every`` divides it, or no ``save_every``)."""
+        """Whether :meth:`save` at ``step`` writes (``save_every`` divides it, or no ``save_every``).
+
+        Args:
+            step: the step the loop is at.
+        """
         return self.save_every is None or step % self.save_every == 0
 
     def save(
@@ -135,11 +144,24 @@ class CheckpointManager:
         """Save ``epoch-E_step-S`` and rotate; returns its path, or None when ``save_every`` skips it.
 
         ``kwargs`` go to :func:`ckptio.training.save_checkpoint` (``sampler``, ``size_per_shard``,
-        ``use_safetensors``, ``use_async``, ``extra_states``, ``stateful``). With ``use_async=True`` the old
+        ``use_safetensors``, ``use_async``, ``extra_states``, ``stateful``, ``only_trainable``,
+        ``reuse_unchanged``): by default the frozen parameters' files are hard-linked from the
+        previous checkpoint while their bytes stay the same, and rotating that one away later
+        leaves them to the checkpoints that link them. With ``use_async=True`` the old
         checkpoints are deleted once the new one is durable: at the next ``save`` or ``wait``,
         never before. A step this run already saved (or resumed from) is replaced atomically.
         Raises ``CheckpointExistsError`` on every rank, writing nothing, while ``save_dir`` holds
         checkpoints that are not this run's (see ``discard_existing``).
+
+        Args:
+            model: the boosted model.
+            optimizer: its optimizer (or None).
+            lr_scheduler: its scheduler (or None).
+            epoch: the epoch the loop is in.
+            step: the step within the epoch (``sample_start_index = step * batch_size``).
+            batch_size: the batch size per rank.
+            force: save even when ``save_every`` does not divide ``step``.
+            kwargs: passed to :func:`ckptio.training.save_checkpoint`.
         """
         if not force and not self.should_save(step):
             return None
@@ -310,6 +332,18 @@ class CheckpointManager:
         would not fit either, and starting over would overwrite the run's checkpoints. After a
         successful resume the checkpoints found here are this run's (saves may replace and
         rotate them); after None, :meth:`save` refuses while any are left (``discard_existing``).
+
+        When ``save_dir`` holds no ckptio checkpoint that loads, the checkpoints other tools left
+        there are tried, newest (highest number) first: a ``transformers.Trainer`` output folder's
+        ``checkpoint-N/``, accelerate's automatic ``checkpoint_N/`` (pass its ``checkpoints``
+        folder). A run moves over with its first resume; its next saves are ckptio's, in the same
+        folder, and the other tool's folders are never replaced or deleted.
+
+        Args:
+            model: the boosted model to load into.
+            optimizer: its optimizer (or None).
+            lr_scheduler: its scheduler (or None).
+            kwargs: passed to :func:`ckptio.training.load_checkpoint`.
         """
         newest_first = collective_step(
             self._group,
@@ -320,10 +354,12 @@ class CheckpointManager:
         checksums = bool(kwargs.get("verify"))
         for name in newest_first:
             path = Path(name)
+            foreign = parse_foreign_checkpoint_name(path.name) is not None
             try:
-                collective_step(
-                    self._group, f"checking {path}", lambda path=path: self._check(path, checksums=checksums)
-                )
+                if not foreign:  # another tool's folder has no running_states.json: load_checkpoint checks it
+                    collective_step(
+                        self._group, f"checking {path}", lambda path=path: self._check(path, checksums=checksums)
+                    )
             except (CheckpointError, OSError) as exc:
                 warnings.warn(f"skipping incomplete or damaged checkpoint {path}: {exc}", stacklevel=2)
                 continue
@@ -342,10 +378,17 @@ class CheckpointManager:
             except CheckpointError as exc:  # damage found by the checks: nothing was loaded, on any rank
                 warnings.warn(f"skipping incomplete or damaged checkpoint {path}: {exc}", stacklevel=2)
                 continue
-            self._ours.update(Path(n).name for n in newest_first)
+            self._ours.update(Path(n).name for n in newest_first if parse_foreign_checkpoint_name(Path(n).name) is None)
             return where
         return None
 
     def _list_for_resume(self) -> list[str]:
+        """ckptio's checkpoints, then other tools' (see :meth:`resume`), each newest first."""
         self._remove_leftovers()  # a checkpoint left renamed aside by a crash is put back first
-        return [str(e.path) for e in sorted(self._entries(), reverse=True)]
+        ours = [str(e.path) for e in sorted(self._entries(), reverse=True)]
+        foreign = sorted(
+            (p for p in self.save_dir.iterdir() if p.is_dir() and parse_foreign_checkpoint_name(p.name) is not None),
+            key=lambda p: parse_foreign_checkpoint_name(p.name),
+            reverse=True,
+        ) if self.save_dir.is_dir() else []  # fmt: skip
+        return ours + [str(p) for p in foreign]

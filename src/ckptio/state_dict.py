@@ -41,6 +41,14 @@ def save_state_dict(
 
     Every key is written under its own name, also keys whose tensors share memory (pass one
     name of a tied pair to store it once). Tensors on the ``meta`` device are refused.
+
+    Args:
+        state: ``{name: tensor}`` (CPU or GPU, any dtype safetensors has).
+        checkpoint: the file or folder, local or an fsspec URL.
+        shard: a folder of shards and an index instead of one file.
+        size_per_shard: the largest shard, in MiB.
+        use_safetensors: safetensors files (``torch.save`` ones when False).
+        prefix: goes into file names, as in ``Booster.save_model``.
     """
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -64,8 +72,21 @@ def load_into(
     allow_dtype_cast: bool = True,
 ) -> LoadReport:
     """Copy a checkpoint's tensors into the existing tensors ``dest`` (by name), in place, with
-    the options and report of :meth:`ckptio.CheckpointIO.load_model`."""
-    with readable(checkpoint) as local:
+    the options and report of :meth:`ckptio.CheckpointIO.load_model`.
+
+    Args:
+        dest: ``{name: tensor}`` to fill; shapes must match the checkpoint's (dtypes are cast
+            unless ``allow_dtype_cast=False``; ``meta`` tensors are replaced by loaded CPU ones).
+        checkpoint: any model checkpoint layout, local or an fsspec URL.
+        strict: a missing, unexpected or mismatched key raises before anything is copied.
+        verify: check every file's checksum against the manifest first.
+        key_map: checkpoint key -> key of ``dest`` (a dict, or a function; None drops a key).
+        allow_dtype_cast: cast tensors stored in another dtype (False: a mismatch).
+
+    Returns:
+        The :class:`LoadReport` of what did not fit (empty when everything did).
+    """
+    with readable(checkpoint, ranged=True) as local:
         return load_state(dest, local, Group.of_one(), strict=strict, verify=verify, key_map=key_map,
                           allow_dtype_cast=allow_dtype_cast)  # fmt: skip
 
@@ -117,6 +138,14 @@ def load_state_dict(
     as new CPU tensors that share no memory with each other or the files. A key the checkpoint
     lacks raises :class:`~ckptio.StateMismatchError` naming it. ``verify=True`` checks the
     checksums of the files read against the manifest.
+
+    Args:
+        checkpoint: any model checkpoint layout, local or an fsspec URL.
+        keys: the names to read (a name the checkpoint lacks raises); None reads every tensor.
+        verify: check the checksums of the files read against the manifest first.
+
+    Returns:
+        ``{name: tensor}``, in the order of ``keys`` when given.
     """
     if isinstance(keys, str):
         raise TypeError(f"keys must be an iterable of tensor names, not the string {keys!r} (pass [{keys!r}])")

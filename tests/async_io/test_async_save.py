@@ -214,3 +214,68 @@ def test_interpreter_exit_waits_for_the_save(tmp_path):
     Booster().load_model(model, tmp_path / "ckpt", verify=True)
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+_CTRL_C_CHILD = """
+import sys, time, torch
+from ckptio import Booster
+from ckptio.storage import local
+original = local.LocalFileWriter.write
+def slow(self, name, chunks):
+    time.sleep(0.5)
+    return original(self, name, chunks)
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+booster = Booster()
+booster.save_model(torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)]), sys.argv[1], shard=True)
+torch.save(model.state_dict(), sys.argv[2])
+local.LocalFileWriter.write = slow  # about 2 s of writing: several rounds of the writer's threads
+booster.save_model(model, sys.argv[1], shard=True, use_safetensors=True, size_per_shard=0.02, use_async=True)
+print("submitted", flush=True)
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_during_an_async_save_leaves_it_committed_or_nothing(tmp_path):
+    """A real SIGINT: the first unwinds the main thread and exit waits for the save, which
+    commits; a second one while exit waits stops the save, which removes its staging folder and
+    leaves the previous checkpoint. Never a staging folder, never a half-written checkpoint.
+    Two children at once: one interrupted once, one twice."""
+    import signal
+
+    children = {}
+    for interrupts in (1, 2):
+        folder = tmp_path / str(interrupts)
+        folder.mkdir()
+        argv = [sys.executable, "-c", _CTRL_C_CHILD, str(folder / "ckpt"), str(folder / "expected.pt")]
+        children[interrupts] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errors = {}
+    try:
+        for child in children.values():
+            assert child.stdout.readline().strip() == "submitted", child.stderr.read()
+        previous = _snapshot(_load_linear_stack(tmp_path / "2" / "ckpt"))
+        for child in children.values():
+            child.send_signal(signal.SIGINT)
+        for line in children[2].stderr:  # the first interrupt's traceback: the main thread has unwound
+            if line.startswith("KeyboardInterrupt"):
+                break
+        time.sleep(0.3)  # exit is waiting for the save now (which has about 2 s of writing left)
+        children[2].send_signal(signal.SIGINT)
+        for interrupts, child in children.items():
+            errors[interrupts] = child.communicate(timeout=120)[1]
+    finally:
+        for child in children.values():
+            child.kill()
+    for interrupts, child in children.items():
+        assert child.returncode == -signal.SIGINT, errors[interrupts]
+        assert _leftovers(tmp_path / str(interrupts)) == [], errors[interrupts]
+    committed = _load_linear_stack(tmp_path / "1" / "ckpt", verify=True)
+    _assert_state(committed, torch.load(tmp_path / "1" / "expected.pt", weights_only=True))
+    assert "stopping it, nothing of it is committed" in errors[2], errors[2]
+    _assert_state(_load_linear_stack(tmp_path / "2" / "ckpt", verify=True), previous)
+
+
+def _load_linear_stack(path, verify=False):
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+    Booster().load_model(model, path, verify=verify)
+    return model

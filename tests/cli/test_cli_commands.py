@@ -199,7 +199,7 @@ def test_convert_bad_input(ckpts):
     assert code == 2 and "no such file" in text
     (tmp / "empty").mkdir()
     code, text = cli("convert", tmp / "empty", tmp / "x.safetensors")
-    assert code == 2 and "no model checkpoint in this folder" in text
+    assert code == 2 and "no checkpoint here" in text
     code, _ = cli("convert", tmp / "sharded", tmp / "y", "--size-per-shard", 0)
     assert code == 2
     assert not (tmp / "x.safetensors").exists() and not (tmp / "y").exists()
@@ -343,3 +343,70 @@ def test_progress_only_on_a_master_terminal(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("CKPTIO_PROGRESS", "0")
     assert progress.Progress("x", 1, 1)._bar is None
+
+
+@pytest.mark.parametrize("how", ["torch.save", "save_optimizer"])
+def test_single_file_optimizer_inspect_verify_and_convert_refused(tmp_path, how):
+    model = make_model(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    booster = Booster()
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "optim.bin"
+    if how == "torch.save":
+        torch.save(optimizer.state_dict(), path)
+    else:
+        booster.save_optimizer(optimizer, path, shard=False)
+    code, text = cli("inspect", path, "--json")
+    info = json.loads(text)
+    assert code == 0 and info["kind"] == "optimizer" and info["layout"] == "torch", text
+    code, text = cli("verify", path)
+    assert code == 0 and "optim.bin: torch layout readable" in text and text.rstrip().endswith("OK"), text
+    booster.save_optimizer(optimizer, tmp_path / "optim_dir", shard=True)
+    for src in (path, tmp_path / "optim_dir"):
+        code, text = cli("convert", src, tmp_path / "out.safetensors")
+        assert code == 2 and "holds an optimizer, not model weights" in text, text
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_empty_or_unrelated_folder_is_no_checkpoint_for_every_command(tmp_path, command):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unrelated").mkdir()
+    (tmp_path / "unrelated" / "notes.txt").write_text("nothing to see")
+    for folder in ("empty", "unrelated"):
+        code, text = cli(command, tmp_path / folder)
+        assert code == 2 and f"{tmp_path / folder}: no checkpoint here" in text, text
+
+
+def _json_error(*args) -> dict:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "", "with --json nothing but the JSON object is printed"
+    body = json.loads(result.stdout)
+    assert set(body) == {"error", "path"}, body
+    return body
+
+
+def test_json_errors_are_one_json_object_on_stdout_for_every_command(ckpts):
+    tmp, _ = ckpts
+    (tmp / "empty").mkdir()
+    missing, empty = str(tmp / "missing"), str(tmp / "empty")
+    for args in (
+        ("inspect", missing),
+        ("verify", missing),
+        ("diff", tmp / "sharded", missing),
+        ("convert", missing, tmp / "x.safetensors"),
+    ):
+        body = _json_error(*args, "--json")
+        assert body == {"error": f"{missing}: no such file or folder", "path": missing}
+    for command in ("inspect", "verify"):
+        body = _json_error(command, empty, "--json")
+        assert body["path"] == empty and "no checkpoint here" in body["error"]
+    body = _json_error("convert", tmp / "sharded", tmp / "model.bin", "--json")
+    assert body["path"] == str(tmp / "model.bin") and "already exists" in body["error"]
+    body = _json_error("verify", "--json")  # a usage error, before any path
+    assert body == {"error": "Missing argument 'PATH'.", "path": None}
+    code, text = cli("convert", tmp / "sharded", tmp / "one.safetensors", "--json")
+    assert code == 0 and json.loads(text)["tensors"] == 6

@@ -15,19 +15,30 @@ from ckptio.plugins import TorchDDPPlugin
 def _load(path, world: int) -> tuple[dict[str, int], list[str]]:
     """Load on this rank, counting the bytes it copies out of weights files, by tensor key."""
     counts: dict[str, int] = {}
-    real = engine_reader.TensorFile.read_box
+    real_box, real_all = engine_reader.TensorFile.read_box, engine_reader.TensorFile.copy_all
+    inside_copy_all = [0]  # copy_all reads odd destinations through read_box: counted once
 
     def read_box(self, key, region, dest):
-        counts[key] = counts.get(key, 0) + region.numel * dest.element_size()
-        return real(self, key, region, dest)
+        if not inside_copy_all[0]:
+            counts[key] = counts.get(key, 0) + region.numel * dest.element_size()
+        return real_box(self, key, region, dest)
 
-    engine_reader.TensorFile.read_box = read_box
+    def copy_all(self, pairs):
+        for key, dest in pairs:
+            counts[key] = counts.get(key, 0) + dest.numel() * dest.element_size()
+        inside_copy_all[0] += 1
+        try:
+            return real_all(self, pairs)
+        finally:
+            inside_copy_all[0] -= 1
+
+    engine_reader.TensorFile.read_box, engine_reader.TensorFile.copy_all = read_box, copy_all
     try:
         booster = Booster(plugin=TorchDDPPlugin())
         model, *_ = booster.boost(make_uneven(seed=7))
         report = booster.load_model(model, path)
     finally:
-        engine_reader.TensorFile.read_box = real
+        engine_reader.TensorFile.read_box, engine_reader.TensorFile.copy_all = real_box, real_all
     assert report.ok, report.describe()
     return counts, diff_keys(model.module.state_dict(), make_uneven(seed=0).state_dict())
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tests.dist.harness import run_ranks
 from tests.docs.snippets import ROOT, python_blocks, run_block, run_section, section
 
@@ -38,9 +39,13 @@ TWO_DIMENSIONS = "Two dimensions: tensor parallel x FSDP2 (`HybridParallelPlugin
 ZERO_GEMINI = "ZeRO and Gemini: `LowLevelZeroPlugin`, `GeminiPlugin`"
 TRAINING = "Optimizer, LR scheduler and training checkpoints"
 ASYNC = "Async saves and performance"
+SMALLER = "Smaller checkpoints: trainable-only, LoRA adapters, unchanged files linked"
 REMOTE = "Remote storage: `s3://` and any fsspec URL"
 CLI = "Command line: `ckptio inspect | verify | convert | diff`"
+FROM_DCP = "From DCP / torchtitan"
 SWAP_IMPORTS = "1. Swap the imports"
+FROM_TRAINER = "From `transformers.Trainer`"
+FROM_ACCELERATE = "From `accelerate`"
 
 # (file, heading) of every section with Python blocks -> the test that runs it
 CHECKED = {
@@ -51,9 +56,13 @@ CHECKED = {
     (README, ZERO_GEMINI): "test_zero_and_gemini_on_2_ranks",
     (README, TRAINING): "test_training_section, test_manager_loop_resumes_bit_exact_after_kills",
     (README, ASYNC): "test_async_save",
+    (README, SMALLER): "test_smaller_checkpoints",
     (README, REMOTE): "test_remote_storage_on_s3",
     (README, CLI): "test_tools_from_python",
+    (README, FROM_DCP): "test_from_dcp",
     (MIGRATING, SWAP_IMPORTS): "test_migration_guide_imports",
+    (README, FROM_TRAINER): "test_from_trainer",
+    (README, FROM_ACCELERATE): "test_from_accelerate",
 }
 
 STEPS_PER_EPOCH, EPOCHS = 4, 3  # the training section's toy job: 32 samples, batches of 8
@@ -123,15 +132,34 @@ def test_load_options(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ns = run_section(README, LOAD_OPTIONS)
     state = ns["model"].state_dict()
-    assert [(c.key, c.from_dtype, c.to_dtype) for c in ns["report"].cast] == [
-        (k, "float32", "bfloat16") for k in state
-    ]
+    assert [(c.key, c.from_dtype, c.to_dtype) for c in ns["report"].cast] == [(k, "float32", "bfloat16") for k in state]
     assert "4 cast to the model's dtype: 0.weight: float32 -> bfloat16" in capsys.readouterr().out
     _assert_same_state(ns["bf16"].state_dict(), {k: v.to(torch.bfloat16) for k, v in state.items()})
     assert all(v.device.type == "cpu" for v in ns["empty"].state_dict().values())
     _assert_same_state(ns["empty"].state_dict(), state)
     _assert_same_state(ns["first"].state_dict(), {"weight": state["0.weight"], "bias": state["0.bias"]})
     _assert_same_state(ns["tensors"], {"3.bias": state["3.bias"]})
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' notes to peft
+def test_smaller_checkpoints(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ns = run_section(README, SMALLER)
+    adapters = {k: v for k, v in ns["lora_model"].state_dict().items() if "lora_" in k}
+    assert len(adapters) == 4
+    _assert_same_state({k: v for k, v in ns["resumed"].state_dict().items() if "lora_" in k}, adapters)
+    _assert_same_state(ns["resumed"].state_dict(), ns["lora_model"].state_dict())  # the base came back too
+    index = json.loads((ns["path"] / "modeling" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(adapters) and len(index["metadata"]["frozen_keys"]) == 4
+    assert "4 left out of this trainable-only checkpoint (frozen when saved" in capsys.readouterr().out
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 4))
+    _assert_same_state(
+        PeftModel.from_pretrained(base, tmp_path / "ckpt" / "adapter").state_dict(),
+        adapters | {k: v for k, v in ns["lora_model"].state_dict().items() if "lora_" not in k},
+    )
 
 
 def test_async_save(tmp_path, monkeypatch):
@@ -163,6 +191,26 @@ def test_tools_from_python(tmp_path, monkeypatch):
     _assert_same_state(other.state_dict(), state)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_from_dcp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = run_section(README, FROM_DCP)
+    state = ns["model"].state_dict()
+    assert (tmp_path / "dcp_ckpt" / ".metadata").is_file()
+    for folder in ("dcp_ckpt", "hf_model"):  # the DCP folder and its conversion hold the model's weights
+        other = _perturbed(ns["model"])
+        Booster().load_model(other, tmp_path / folder)
+        _assert_same_state(other.state_dict(), state)
+    other = _perturbed(ns["model"])
+    optimizer = torch.optim.AdamW(other.parameters(), lr=0.5)
+    booster = Booster()
+    other, optimizer, *_ = booster.boost(other, optimizer)
+    booster.load_optimizer(optimizer, tmp_path / "dcp_ckpt")
+    saved = ns["optimizer"].state_dict()
+    assert optimizer.state_dict()["param_groups"] == saved["param_groups"]  # lr=1e-3 came back
+    _assert_same_state(optimizer.state_dict()["state"][0], saved["state"][0])
+
+
 def test_migration_guide_imports(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ns = run_section(MIGRATING, SWAP_IMPORTS)
@@ -176,6 +224,52 @@ def test_migration_guide_imports(tmp_path, monkeypatch):
     assert list(inspect.signature(ns["load_checkpoint"]).parameters)[:5] == [
         "load_dir", "booster", "model", "optimizer", "lr_scheduler"
     ]  # fmt: skip
+
+
+def test_from_trainer(tmp_path, monkeypatch):
+    """The README's model trained by a real transformers.Trainer (8 steps, a checkpoint every 3), then
+    its checkpoint-6 loaded and the newest, checkpoint-8, resumed by a manager."""
+    from transformers import Trainer, TrainingArguments
+
+    monkeypatch.chdir(tmp_path)
+    model = _prelude_model()
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input": torch.randn(16, generator=gen), "labels": i % 4} for i in range(16)]
+    args = TrainingArguments(
+        output_dir="trainer_output", per_device_train_batch_size=4, num_train_epochs=2, save_steps=3,
+        remove_unused_columns=False, use_cpu=True, report_to=[], disable_tqdm=True,
+    )  # fmt: skip
+    loss = lambda out, labels, num_items_in_batch=None: torch.nn.functional.cross_entropy(out, labels)  # noqa: E731
+    Trainer(model=model, args=args, train_dataset=data, compute_loss_func=loss).train()
+    ns = run_section(README, FROM_TRAINER)
+    assert (ns["epoch"], ns["step"], ns["sample_start_index"]) == (1, 2, 8)  # epoch 1.5: 2 of 4 steps, batches of 4
+    assert ns["resumed"] == (2, 0, 0)  # the manager took the newest, checkpoint-8: 2 epochs done
+    newest = tmp_path / "trainer_output" / "checkpoint-8"
+    _assert_same_state(ns["model"].state_dict(), load_file(newest / "model.safetensors"))
+    saved = torch.load(newest / "optimizer.pt", weights_only=True)
+    assert ns["optimizer"].state_dict()["param_groups"] == saved["param_groups"]
+
+
+def test_from_accelerate(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    monkeypatch.chdir(tmp_path)
+    model = _prelude_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    for _ in range(2):
+        model(torch.randn(4, 16)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    accelerator.save_state("accelerate_state")
+    with pytest.warns(UserWarning, match="records no epoch, step or sample position"):
+        ns = run_section(README, FROM_ACCELERATE)
+    _assert_same_state(ns["model"].state_dict(), model.state_dict())
+    assert ns["optimizer"].state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert ns["lr_scheduler"].state_dict() == scheduler.state_dict()
 
 
 @pytest.fixture

@@ -106,3 +106,97 @@ def test_header_length_beyond_file_and_non_json(tmp_path):
     path.write_bytes(b"abc")
     with pytest.raises(CheckpointError, match="shorter than"):
         SafetensorsReader.open(path)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor (torch.equal is not implemented for float8_e8m0fnu / float4_e2m1fn_x2)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _micro_scaled() -> dict[str, torch.Tensor]:
+    """MX-style tensors: float8_e8m0fnu scales and packed float4 (two E2M1 values per byte)."""
+    packed = torch.arange(24, dtype=torch.uint8).reshape(4, 6)
+    return {
+        "scales": torch.tensor([1.0, 2.0, 0.5, 2.0**-20]).to(torch.float8_e8m0fnu),
+        "scalar_scale": torch.tensor(4.0).to(torch.float8_e8m0fnu),
+        "fp4": packed.view(torch.float4_e2m1fn_x2),
+        "fp4_rows": packed[:1].clone().reshape(1, 2, 3).view(torch.float4_e2m1fn_x2),
+        "fp4_empty": torch.zeros(2, 0, dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
+    }
+
+
+def test_f8_e8m0_and_packed_f4_match_the_reference_package_both_ways(tmp_path):
+    tensors = _micro_scaled()
+    ours = tmp_path / "ours.safetensors"
+    write(ours, tensors)
+    raw = ours.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert header["scales"]["dtype"] == "F8_E8M0" and header["fp4"]["dtype"] == "F4"
+    assert header["fp4"]["shape"] == [4, 12], "F4 counts 4-bit values: the last dimension doubles"
+    assert header["fp4_rows"]["shape"] == [1, 2, 6] and header["fp4_empty"]["shape"] == [2, 0]
+    theirs = tmp_path / "theirs.safetensors"
+    safetensors.torch.save_file(tensors, str(theirs))
+    raw = theirs.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    for k, entry in json.loads(raw[8 : 8 + n]).items():  # the reference orders tensors its own way
+        assert (entry["dtype"], entry["shape"]) == (header[k]["dtype"], header[k]["shape"]), k
+    back = safetensors.torch.load_file(str(ours))
+    with SafetensorsReader.open(theirs) as reader:
+        ours_back = {k: reader.read(k) for k in reader.tensors}
+    for k, t in tensors.items():
+        for got in (back[k], ours_back[k]):
+            assert got.dtype == t.dtype and got.shape == t.shape, k
+            assert torch.equal(_bits(got), _bits(t)), k
+
+
+@pytest.mark.parametrize(
+    "shape,nbytes,message",
+    [([3], 2, "multiple of 2"), ([2, 3], 3, "multiple of 2"), ([], 1, "multiple of 2")],
+)
+def test_f4_headers_with_half_bytes_are_refused(tmp_path, shape, nbytes, message):
+    path = tmp_path / "bad.safetensors"
+    craft(path, {"t": {"dtype": "F4", "shape": shape, "data_offsets": [0, nbytes]}}, b"\x11" * nbytes)
+    with pytest.raises(CheckpointFormatError, match=message) as info:
+        SafetensorsReader.open(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(Exception):  # noqa: B017 (the reference refuses them too, with its own error)
+        safetensors.torch.load_file(str(path))
+
+
+def test_a_0_dim_f4_tensor_is_refused_on_write():
+    scalar = torch.tensor(7, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    with pytest.raises(CheckpointFormatError, match="0-dim float4_e2m1fn_x2"):
+        b"".join(iter_file_chunks([("t", scalar)]))
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_a_model_with_micro_scaled_buffers_saves_and_loads(tmp_path, shard):
+    from torch import nn
+
+    from ckptio import Booster
+
+    def module(fill: int) -> nn.Module:
+        m = nn.Module()
+        for k, t in _micro_scaled().items():
+            m.register_buffer(k, t if fill < 0 else torch.full_like(_bits(t), fill).view(t.dtype))
+        return m
+
+    saved, target = module(-1), module(0)
+    path = tmp_path / ("ckpt" if shard else "w.safetensors")
+    Booster().save_model(saved, path, shard=shard, use_safetensors=True)
+    Booster().load_model(target, path)
+    for k, t in saved.state_dict().items():
+        assert torch.equal(_bits(target.state_dict()[k]), _bits(t)), k
+
+
+def test_diff_compares_the_values_of_packed_f4(tmp_path):
+    from ckptio.tools import diff_checkpoints
+
+    a = {"fp4": torch.tensor([0x21, 0x00], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}  # [0.5, 1.0], [0, 0]
+    b = {"fp4": torch.tensor([0x71, 0x00], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}  # [0.5, 6.0], [0, 0]
+    write(tmp_path / "a.safetensors", a)
+    write(tmp_path / "b.safetensors", b)
+    assert diff_checkpoints(tmp_path / "a.safetensors", tmp_path / "a.safetensors")["equal"]
+    report = diff_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert not report["equal"] and report["max_abs_diff"] == 5.0

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.helpers import MLPWithBuffers, assert_same_state, randomize, tiny_gpt2, tiny_llama
+from torch import nn
 
 from ckptio import Booster
 
@@ -93,3 +94,22 @@ def test_save_does_not_mutate_the_live_model_or_config(tmp_path):
     Booster().save_model(model, tmp_path / "ckpt", shard=True, use_safetensors=True)
     assert model.config.to_dict() == before_config
     assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+
+
+def test_checkpoint_io_load_model_returns_the_model_as_colossalai_and_keeps_the_report(tmp_path):
+    """ColossalAI's ``CheckpointIO.load_model`` returns the model (``model = io.load_model(model,
+    path)``); its ``Booster.load_model`` returns None, so ours returns the report there."""
+    from ckptio.checkpoint_io.general import GeneralCheckpointIO
+
+    saved = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    Booster().save_model(saved, tmp_path / "w.safetensors")
+    io = GeneralCheckpointIO()
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    loaded = io.load_model(model, tmp_path / "w.safetensors")
+    assert loaded is model and io.last_load_report.ok
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.state_dict().items())
+    bigger = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.Linear(2, 1))
+    booster = Booster()
+    report = booster.load_model(bigger, tmp_path / "w.safetensors", strict=False)
+    assert report is booster.checkpoint_io.last_load_report
+    assert sorted(report.missing_keys) == ["3.bias", "3.weight"] and not report.ok

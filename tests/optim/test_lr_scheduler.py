@@ -121,7 +121,7 @@ def test_state_torch_load_refuses_is_not_saved(tmp_path):
 def test_bad_files(tmp_path):
     opt, scheduler = stepped("step")
     (tmp_path / "bad.json").write_text('{"format": "something-else"}')
-    with pytest.raises(CheckpointError, match="not a ckptio LR scheduler file"):
+    with pytest.raises(CheckpointError, match="this is a JSON file, not an LR scheduler file"):
         Booster().load_lr_scheduler(scheduler, tmp_path / "bad.json")
     with pytest.raises(CheckpointError, match="does not exist"):
         Booster().load_lr_scheduler(scheduler, tmp_path / "missing")
@@ -143,3 +143,63 @@ def test_json_codec_keeps_types():
     assert back["nested"] == [{"__tuple__": 1}, None, "x", float("inf")]
     with pytest.raises(optimizer_json.NotJSONable):
         optimizer_json.encode({"fn": print})
+
+
+def _strict_json(text: str):
+    """Parse as any JSON parser would: no ``Infinity`` / ``NaN`` tokens."""
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _bits(x: float) -> bytes:
+    import struct
+
+    return struct.pack("<d", x)
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_plateau_scheduler_with_infinite_best_comes_back_exact(tmp_path, mode):
+    opt = optimizer()
+    scheduler = sched.ReduceLROnPlateau(opt, mode=mode, patience=1)
+    assert scheduler.best in (float("inf"), float("-inf"))  # no metric seen yet
+    Booster().save_lr_scheduler(scheduler, tmp_path / "lr_scheduler")
+    saved = torch.load(tmp_path / "lr_scheduler", weights_only=True)  # as ColossalAI reads it
+    assert _bits(saved["best"]) == _bits(scheduler.best)
+    scheduler2 = sched.ReduceLROnPlateau(optimizer(), mode=mode, patience=1)
+    scheduler2.best = 0.0
+    Booster().load_lr_scheduler(scheduler2, tmp_path / "lr_scheduler")
+    assert _bits(scheduler2.best) == _bits(scheduler.best)
+    assert scheduler2.state_dict() == scheduler.state_dict()
+
+
+def test_nan_and_infinities_come_back_bit_exact_in_values_and_tensors():
+    import struct
+
+    odd_nan = struct.unpack("<d", struct.pack("<Q", 0xFFF8_0000_0000_0001))[0]  # negative NaN with a payload
+    value = {
+        "floats": [float("inf"), float("-inf"), float("nan"), odd_nan, -0.0, 1.5],
+        "tensor": torch.tensor([float("inf"), float("-inf"), 2.0]),
+        "scalar": torch.tensor(float("-inf"), dtype=torch.float64),
+    }
+    text = json.dumps(optimizer_json.encode(value), allow_nan=False)
+    back = optimizer_json.decode(_strict_json(text))
+    assert [_bits(x) for x in back["floats"]] == [_bits(x) for x in value["floats"]]
+    for key in ("tensor", "scalar"):
+        assert back[key].dtype == value[key].dtype and torch.equal(back[key], value[key])
+
+
+def test_files_written_with_bare_infinity_still_load(tmp_path):
+    opt = optimizer()
+    scheduler = sched.ReduceLROnPlateau(opt, mode="min")
+    state = scheduler.state_dict()
+    body = {"format": "ckptio-lr-scheduler", "format_version": 1, "state": optimizer_json.encode(state)}
+    body["state"]["best"] = float("inf")  # what the writer produced before infinities were tagged
+    (tmp_path / "lr_scheduler").write_text(json.dumps(body, indent=1))
+    assert "Infinity" in (tmp_path / "lr_scheduler").read_text()
+    scheduler2 = sched.ReduceLROnPlateau(optimizer(), mode="min")
+    scheduler2.best = 0.0
+    Booster().load_lr_scheduler(scheduler2, tmp_path / "lr_scheduler")
+    assert scheduler2.best == float("inf")

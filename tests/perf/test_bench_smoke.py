@@ -33,3 +33,25 @@ def test_benchmark_smoke_run(tmp_path):
     except ImportError:
         pytest.skip("matplotlib not installed: the chart is optional")
     assert (out / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_benchmark_many_small_tensors_case(tmp_path, monkeypatch):
+    """In this process (the run above already pays for one interpreter start)."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # run.py puts benchmarks/ first
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(bench)
+        args = ["--many-small", "50", "--repeats", "1", "--settle", "0", "--no-cold", "--no-chart"]
+        result = bench.run(bench.parse_args([*args, "--tools", "safetensors", "transformers", "--dir", str(tmp_path)]))
+        table = bench.report.table(result)
+    finally:
+        for name in ("cases", "report"):
+            sys.modules.pop(name, None)
+    assert result["tensors"] == 50 and result["state"] == "50 float32 tensors of 16 elements"
+    assert {"load warm/ckptio", "load warm/safetensors", "save/ckptio"} <= set(result["medians"])
+    assert "transformers" not in result["tools"], "needs a PreTrainedModel: skipped"
+    assert "50 float32 tensors of 16 elements" in table
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ckptio-bench-")]  # cleaned up

@@ -242,3 +242,60 @@ def test_async_save_to_s3_writes_in_the_background_and_commits_once_durable(s3):
     booster.load_model(other, url, verify=True)
     got = other.state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_checkpoint_synced_down_with_an_ordinary_tool_loads_inspects_and_verifies(s3, tmp_path, monkeypatch):
+    """``aws s3 sync`` copies the marker and every version prefix as they are; the local copy
+    reads the committed version, like the URL, and never the debris of an interrupted save."""
+    from ckptio.tools import inspect_checkpoint, verify_checkpoint
+
+    good, newer, dest = make_model(0), make_model(1), make_model(2)
+    booster = Booster()
+    booster.save_model(good, f"{s3}/model", shard=True, size_per_shard=0.002, use_safetensors=True)
+    saved = make_model(0)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the marker")
+
+    with monkeypatch.context() as m:  # a re-save that dies: its version is left beside the good one
+        m.setattr(fsspec_storage, "commit_marker", die)
+        with pytest.raises(KeyboardInterrupt):
+            booster.save_model(newer, f"{s3}/model", shard=True, use_safetensors=True)
+    optimizer = torch.optim.Adam(good.parameters())
+    good(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
+    booster.boost(good, optimizer)
+    save_checkpoint(f"{s3}/run", booster, good, optimizer, None, 0, 5, 4, DistCoordinator())
+
+    fs, root = fsspec_storage.filesystem(s3)
+    fs.invalidate_cache()
+    fs.get(root, str(tmp_path / "synced"), recursive=True)  # what `aws s3 sync` leaves
+    local = tmp_path / "synced" / "model"
+    versions = sorted(p.name for p in local.iterdir() if p.name.startswith(REMOTE_VERSION_PREFIX))
+    assert (local / COMMIT_MARKER).is_file() and len(versions) == 2
+
+    booster.load_model(dest, local, verify=True)
+    assert same(dest, saved)
+    info = inspect_checkpoint(local)
+    assert info["kind"] == "model" and info["tensor_count"] == 6 and info["ckptio_manifest"]
+    passed, problems = verify_checkpoint(local)
+    assert problems == [] and any("checksum match the manifest" in line for line in passed)
+
+    run = tmp_path / "synced" / "run"
+    model2 = make_model(3)
+    opt2 = torch.optim.Adam(model2.parameters())
+    b2 = Booster()
+    b2.boost(model2, opt2)
+    assert load_checkpoint(run / "epoch-0_step-5", b2, model2, opt2, None, verify=True) == (0, 5, 20)
+    assert same(model2, good)
+    assert inspect_checkpoint(run)["checkpoints"][0]["state"] == "epoch 0, step 5"
+    assert verify_checkpoint(run)[1] == [] and verify_checkpoint(run / "epoch-0_step-5")[1] == []
+
+    booster.save_model(newer, local, shard=True, use_safetensors=True)  # a local save replaces the synced one
+    assert not (local / COMMIT_MARKER).exists() and not any(p.name in versions for p in local.iterdir())
+    booster.load_model(dest, local)
+    assert same(dest, newer)
+
+    (run / "epoch-0_step-5" / COMMIT_MARKER).unlink()  # versions but no marker: an interrupted upload, refused
+    with pytest.raises(CheckpointNotFoundError, match="incomplete checkpoint"):
+        load_checkpoint(run / "epoch-0_step-5", b2, model2, opt2, None)

@@ -44,3 +44,26 @@ def test_more_ranks_than_files_and_empty_state():
 def test_single_file_is_written_by_one_rank():
     plan = plan_files([("a", 5), ("b", 7)], 3, weights_name="w.bin", max_shard_bytes=1, shard=False)
     assert plan.files == (("w.bin", ("a", "b")),) and plan.owners == (0,) and plan.weight_map is None
+
+
+def test_static_tensors_get_shards_of_their_own_whatever_the_world_size():
+    """Frozen tensors never share a file with trained ones (such a file would change at every save)."""
+    sizes = [("a", 40), ("f1", 50), ("b", 40), ("f2", 30), ("c", 70)]
+    plans = [
+        plan_files(sizes, world, weights_name="model.safetensors", max_shard_bytes=100, static={"f1", "f2"})
+        for world in (1, 2, 4)
+    ]
+    assert all(p.files == plans[0].files for p in plans)
+    assert plans[0].files == (
+        ("model-00001-of-00003.safetensors", ("f1", "f2")),
+        ("model-00002-of-00003.safetensors", ("a", "b")),
+        ("model-00003-of-00003.safetensors", ("c",)),
+    )
+    assert plans[0].total_size == 230
+    # nothing static: the plan of before, byte for byte
+    assert (
+        plan_files(sizes, 2, weights_name="m.safetensors", max_shard_bytes=100, static=()).files
+        == plan_files(sizes, 2, weights_name="m.safetensors", max_shard_bytes=100).files
+    )
+    everything = plan_files(sizes, 1, weights_name="m.safetensors", max_shard_bytes=1000, static={k for k, _ in sizes})
+    assert everything.files == (("m-00001-of-00001.safetensors", ("a", "f1", "b", "f2", "c")),)

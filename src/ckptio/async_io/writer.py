@@ -13,11 +13,21 @@ Rules (design.md, "Async rules"): at most one save per :class:`AsyncSaver` is in
 next :meth:`submit`, :meth:`wait` and interpreter exit wait for it; an error raised by the
 background thread is re-raised by the next of those (once), never dropped. Each save's
 :class:`SaveHandle` also reports it, as often as it is asked.
+
+Interpreter exit (a script's end, or Ctrl-C: the ``KeyboardInterrupt`` unwinds the main thread
+and the interpreter exits) waits from threading's exit hooks, before the interpreter refuses
+new thread-pool work (the writer's threads would fail with "cannot schedule new futures after
+interpreter shutdown" and the save would be lost). Interrupted while it waits (Ctrl-C again),
+exit stops waiting: every write in flight fails at its next piece
+(:func:`~ckptio.storage.base.abandon_writes`), so the save aborts on its own thread and removes
+its staging folder, and the process ends with the save committed or not there at all, never
+killed mid-file. Only a kill leaves a staging folder, which the next save of that path removes.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import sys
 import threading
 import time
@@ -28,6 +38,7 @@ from typing import Any, TypeVar
 
 from ckptio.async_io.priority import lower_thread_priority
 from ckptio.async_io.staging import StagingBuffers, StagingProgress
+from ckptio.storage.base import abandon_writes
 
 T = TypeVar("T")
 
@@ -109,6 +120,9 @@ class AsyncSaver:
         self.staging = staging or StagingBuffers()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # set when the job ends: waited on instead of Thread.join, which on Python 3.11, when
+        # interrupted (Ctrl-C), marks a thread that is still running as stopped
+        self._done = threading.Event()
         self._error: BaseException | None = None
         self._progress: StagingProgress | None = None
         self._what = ""
@@ -118,8 +132,7 @@ class AsyncSaver:
 
     @property
     def in_flight(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
+        return self._thread is not None and not self._done.is_set()
 
     def submit(
         self,
@@ -135,12 +148,14 @@ class AsyncSaver:
 
         Raises the previous save's error, if it failed, before starting anything new.
         """
+        _register_exit_wait()
         handle = handle or SaveHandle(what)
         with self._lock:
             self._wait_locked()
             progress = progress or StagingProgress()
             handle._progress = progress
             self._what, self._progress, self.handle = what, progress, handle
+            self._done = threading.Event()
             self._thread = threading.Thread(
                 target=self._run,
                 args=(stage_fn, write_fn, progress, handle),
@@ -165,6 +180,8 @@ class AsyncSaver:
             self._error = exc
             handle.staged._set(handle._started, exc)
             handle.durable._set(handle._started, exc)
+        finally:
+            self._done.set()
 
     def wait_staged(self, obj: object = None) -> float:
         """Block until the save in flight has copied what ``obj`` (a boosted model or optimizer)
@@ -183,7 +200,8 @@ class AsyncSaver:
     def _wait_locked(self) -> None:
         thread = self._thread
         if thread is not None:
-            thread.join()
+            self._done.wait()
+            thread.join()  # returns at once: the job is over
             self._thread = None
         error, self._error = self._error, None
         if error is not None:
@@ -194,13 +212,51 @@ class AsyncSaver:
         self.wait()
         self.staging.release()
 
+    def finish_at_exit(self, abandon_after: float = 30.0) -> None:
+        """Wait for the save in flight; report a failure on stderr (exit cannot raise). A
+        ``KeyboardInterrupt`` while waiting abandons the save instead (see the module doc)."""
+        try:
+            self.wait()
+            return
+        except KeyboardInterrupt:
+            abandon_writes()
+            print(f"ckptio: interrupted while the async save of {self._what} finished; stopping it, nothing of it "
+                  "is committed (the previous checkpoint stays)", file=sys.stderr)  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001 - exit cannot raise; print it instead
+            print(f"ckptio: async save of {self._what} FAILED, the checkpoint was not written:", file=sys.stderr)
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+            return
+        deadline = time.monotonic() + abandon_after
+        while self._thread is not None and not self._done.is_set() and time.monotonic() < deadline:
+            try:  # the writer stops at its next piece and removes its staging folder
+                self._done.wait(0.1)
+            except KeyboardInterrupt:
+                continue
 
-@atexit.register
+
 def _wait_all_at_exit() -> None:
     """Interpreter exit waits for every save in flight and reports a failed one loudly."""
     for saver in list(_LIVE):
-        try:
-            saver.wait()
-        except BaseException as exc:  # noqa: BLE001 - exit cannot raise; print it instead
-            print(f"ckptio: async save of {saver._what} FAILED, the checkpoint was not written:", file=sys.stderr)
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        saver.finish_at_exit()
+
+
+_exit_wait_registered = False
+
+
+def _register_exit_wait() -> None:
+    """Hook exit's wait into threading's shutdown, ahead of ``concurrent.futures``' own hook
+    (hooks run last-registered first; the engine's thread pool module is imported by now).
+    ``atexit`` alone would run only after the interpreter stopped thread pools and joined
+    threads; it is registered too, for when a Ctrl-C pressed as exit begins skips threading's
+    hooks (the threads are then still running, and thread pools still take work)."""
+    global _exit_wait_registered
+    if _exit_wait_registered:
+        return
+    import concurrent.futures.thread  # noqa: F401 (registers its hook first, so ours runs before it)
+
+    register = getattr(threading, "_register_atexit", None)
+    with contextlib.suppress(RuntimeError):  # already shutting down: atexit below still waits
+        if register is not None:
+            register(_wait_all_at_exit)
+    atexit.register(_wait_all_at_exit)  # a no-op when the hook above already waited
+    _exit_wait_registered = True

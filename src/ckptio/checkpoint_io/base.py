@@ -49,7 +49,16 @@ def _check_threads(num_threads: int) -> int:
 
 
 class CheckpointIO(ABC):
-    """Saves and loads model, optimizer and LR scheduler state for one parallel layout."""
+    """Saves and loads model, optimizer and LR scheduler state for one parallel layout.
+
+    Public methods take ColossalAI's argument names and defaults and are collective: every
+    rank calls them. ``last_load_report`` holds the :class:`LoadReport` of the last
+    :meth:`load_model`, which returns the model as ColossalAI's does.
+    """
+
+    #: the report of the last :meth:`load_model` (missing, unexpected and mismatched keys), which
+    #: returns the model as ColossalAI's does; ``Booster.load_model`` returns this report
+    last_load_report: LoadReport | None = None
 
     # ------------------------------------------------------------------ model
     def save_model(
@@ -62,12 +71,32 @@ class CheckpointIO(ABC):
         size_per_shard: int = 1024,
         use_safetensors: bool = False,
         use_async: bool = False,
+        *,
+        only_trainable: bool = False,
     ) -> SaveHandle:
         """Save model weights: one file at ``checkpoint``, or (``shard=True``) a folder of
         shards of at most ``size_per_shard`` MiB with a Hugging Face index.
 
-        Returns the save's :class:`~ckptio.async_io.writer.SaveHandle` (``staged``, ``durable``);
-        with ``use_async=True`` the call returns before the state is copied (see :meth:`wait_staged`).
+        ``only_trainable=True`` leaves out the frozen parameters (``requires_grad=False``; buffers
+        are always saved) and records their names, so a strict load into a model that already
+        holds them (its base weights) loads the rest and lists them in ``report.frozen_keys``.
+        A one-file save needs a ``.safetensors`` path for it (a torch file has nowhere to record
+        them).
+
+        Args:
+            model: the model (wrapped or not); its tied tensors are saved once.
+            checkpoint: the file or folder path, local or an fsspec URL.
+            shard: a folder of shards and an index instead of one file.
+            gather_dtensor: kept for ColossalAI's signature: files always hold full tensors.
+            prefix: goes into file names (``pytorch_model.ema-00001-of-00002.bin``).
+            size_per_shard: the largest shard, in MiB.
+            use_safetensors: safetensors instead of ``torch.save`` files.
+            use_async: return before the state is copied (:meth:`wait_staged`); copy and write
+                in the background (:meth:`wait`).
+            only_trainable: leave out the frozen parameters and record their names (see above).
+
+        Returns:
+            The save's :class:`~ckptio.async_io.writer.SaveHandle` (``staged``, ``durable``).
         """
         started = time.perf_counter()
         opts = ModelSaveOptions(
@@ -75,6 +104,7 @@ class CheckpointIO(ABC):
             prefix=check_prefix(prefix),
             max_shard_bytes=_check_size_per_shard(size_per_shard),
             use_safetensors=bool(use_safetensors),
+            only_trainable=bool(only_trainable),
         )
         path = _check_path(checkpoint)
         self.wait()  # at most one save in flight: a save never races the previous async one
@@ -93,16 +123,8 @@ class CheckpointIO(ABC):
         *,
         key_map: KeyMap | None = None,
         allow_dtype_cast: bool = True,
-    ) -> LoadReport:
+    ) -> nn.Module:
         """Load weights saved in any supported layout into ``model`` in place.
-
-        Returns the report of missing / unexpected / mismatched keys (empty when all fit) and
-        of the tensors cast to the model's dtype; with ``strict=True`` a misfit raises instead,
-        before anything is loaded. ``num_threads`` shard files are read at once (each rank
-        reads only its own boxes). ``low_cpu_mem_mode`` is accepted for ColossalAI's
-        signature: loading always streams shard by shard straight into the live tensors, so
-        extra memory stays below one shard either way. ``verify=True`` checks every checksum
-        of the manifest first.
 
         ``key_map`` renames checkpoint keys to model keys: a dict (keys it does not name keep
         their name) or a function; a key mapped to None is dropped (neither loaded nor
@@ -115,12 +137,32 @@ class CheckpointIO(ABC):
         difference a mismatch. Casts that change values (integer <-> floating point, bool,
         narrowing integers) are always mismatches. Tensors on the ``meta`` device are
         materialised on the CPU with the loaded values.
+
+        Args:
+            model: the model (wrapped or not) to load into.
+            checkpoint: the file, folder or index JSON, local or an fsspec URL.
+            strict: a missing, unexpected or mismatched key raises :class:`StateMismatchError`
+                (all of them listed) before anything is loaded; False loads what fits.
+            low_cpu_mem_mode: kept for ColossalAI's signature: loading always streams shard by
+                shard straight into the live tensors, so extra memory stays below one shard.
+            num_threads: shard files read at once (each rank reads only its own boxes).
+            verify: check every checksum of the manifest first.
+            key_map: checkpoint key -> model key (dict or function; None drops a key), as above.
+            allow_dtype_cast: cast tensors stored in another dtype (False: a mismatch).
+
+        Returns:
+            ``model`` itself, as ColossalAI's ``CheckpointIO.load_model`` does (code written for
+            it says ``model = checkpoint_io.load_model(model, path)``); the report of missing,
+            unexpected, mismatched and cast keys is :attr:`last_load_report` (empty when all fit).
         """
         num_threads = _check_threads(num_threads)
         key_mapper(key_map)  # a key_map of the wrong type is a TypeError before anything is read
         path = _check_path(checkpoint)
-        with track_io("load model", lambda: module_nbytes(model), direction="read"), readable(path) as local:
-            return self._load_model(
+        with (
+            track_io("load model", lambda: module_nbytes(model), direction="read"),
+            readable(path, ranged=True) as local,
+        ):
+            self.last_load_report = self._load_model(
                 model,
                 local,
                 strict=bool(strict),
@@ -130,6 +172,7 @@ class CheckpointIO(ABC):
                 key_map=key_map,
                 allow_dtype_cast=bool(allow_dtype_cast),
             )
+        return model
 
     # ------------------------------------------------------------------ optimizer
     def save_optimizer(
@@ -142,8 +185,20 @@ class CheckpointIO(ABC):
         size_per_shard: int = 1024,
         use_async: bool = False,
     ) -> SaveHandle:
-        """Save optimizer state: one file, or (``shard=True``) a folder of shards. Returns the
-        save's handle, as :meth:`save_model`."""
+        """Save optimizer state: one file, or (``shard=True``) a folder of shards.
+
+        Args:
+            optimizer: the optimizer (its parameters' names come from the model it was boosted with).
+            checkpoint: the file or folder path, local or an fsspec URL.
+            shard: a folder of shards and an index, in :attr:`optimizer_layout`'s layout.
+            gather_dtensor: kept for ColossalAI's signature: files always hold full tensors.
+            prefix: goes into file names, so saves with different prefixes share a folder.
+            size_per_shard: the largest shard, in MiB.
+            use_async: return before the state is copied, as :meth:`save_model`.
+
+        Returns:
+            The save's handle, as :meth:`save_model`.
+        """
         started = time.perf_counter()
         prefix, max_shard_bytes = check_prefix(prefix), _check_size_per_shard(size_per_shard)
         path = _check_path(checkpoint)
@@ -167,28 +222,61 @@ class CheckpointIO(ABC):
         num_threads: int = 1,
         verify: bool = False,
     ) -> None:
-        """Load optimizer state saved in any supported layout into ``optimizer``.
+        """Load optimizer state saved in any supported layout into ``optimizer``; nothing
+        changes unless the saved state fits (names, groups, shapes).
 
-        ``low_cpu_mem_mode`` and ``num_threads`` are accepted for ColossalAI's signature; the
-        state is read shard by shard on one thread. ``verify=True`` checks every checksum first.
+        Args:
+            optimizer: the optimizer to load into.
+            checkpoint: the file, folder or index JSON, local or an fsspec URL.
+            low_cpu_mem_mode: kept for ColossalAI's signature.
+            num_threads: kept for ColossalAI's signature: the state is read on one thread.
+            verify: check every checksum of the manifest first.
         """
         num_threads = _check_threads(num_threads)
-        with readable(_check_path(checkpoint)) as local:
+        with readable(_check_path(checkpoint), ranged=True) as local:
             self._load_optimizer(
                 optimizer, local, low_cpu_mem_mode=bool(low_cpu_mem_mode), num_threads=num_threads, verify=bool(verify)
             )
 
     # ------------------------------------------------------------------ lr scheduler
     def save_lr_scheduler(self, lr_scheduler: Any, checkpoint: PathLike) -> None:
-        """Save an LR scheduler's ``state_dict()`` (JSON when every value allows)."""
+        """Save an LR scheduler's ``state_dict()`` (JSON when every value allows).
+
+        Args:
+            lr_scheduler: the scheduler.
+            checkpoint: the file path (``.pt``/``.pth``/``.bin`` asks for a ``torch.save`` file).
+        """
         path = _check_path(checkpoint)
         self.wait()
         self._save_lr_scheduler(lr_scheduler, path)
 
     def load_lr_scheduler(self, lr_scheduler: Any, checkpoint: PathLike) -> None:
-        """Load an LR scheduler's state saved by ckptio or ColossalAI."""
+        """Load an LR scheduler's state saved by ckptio or ColossalAI.
+
+        Args:
+            lr_scheduler: the scheduler to load into (another scheduler's state is refused).
+            checkpoint: the file, local or an fsspec URL.
+        """
         with readable(_check_path(checkpoint)) as local:
             self._load_lr_scheduler(lr_scheduler, local)
+
+    # ------------------------------------------------------------------ LoRA
+    def save_lora_as_pretrained(self, model: nn.Module, checkpoint: PathLike, use_safetensors: bool = True) -> None:
+        """Save the LoRA adapters of ``model`` (made by ``booster.enable_lora``) as peft's folder:
+        ``adapter_model.safetensors`` (``.bin`` with ``use_safetensors=False``) and
+        ``adapter_config.json``, which ``peft.PeftModel.from_pretrained(base_model, checkpoint)``
+        loads; only the adapters are written, from every rank's shards. One atomic commit; other
+        files in an existing folder are kept.
+
+        Args:
+            model: the model ``booster.enable_lora`` returned (boosted or not).
+            checkpoint: the adapter folder, local or an fsspec URL.
+            use_safetensors: ``adapter_model.safetensors`` (False: ``adapter_model.bin``; note that
+                ColossalAI's default is False).
+        """
+        path = _check_path(checkpoint)
+        self.wait()
+        self._save_lora(model, path, use_safetensors=bool(use_safetensors))
 
     # ------------------------------------------------------------------ async
     @property
@@ -217,15 +305,27 @@ class CheckpointIO(ABC):
 
     def wait_staged(self, obj: object = None) -> float:
         """Block until the async save in flight has copied the state, after which it may change in
-        place; ``obj`` (a guarded model or optimizer): only what it is about to modify. Returns the
-        seconds waited; never raises (a failed save raises from the next save or :meth:`wait`)."""
+        place. Never raises (a failed save raises from the next save or :meth:`wait`).
+
+        Args:
+            obj: a guarded model or optimizer: wait only for the copy of what it is about to
+                modify; None: for the whole state.
+
+        Returns:
+            The seconds waited.
+        """
         saver = self.__dict__.get("_async_saver")
         return saver.wait_staged(obj) if saver is not None else 0.0
 
     def guard(self, model: nn.Module | None = None, optimizer: Optimizer | None = None) -> None:
         """Make ``optimizer.step()`` and ``model``'s forward wait for an async save's copy of what
         they modify (the optimizer's parameters and state; the model's buffers, e.g. BatchNorm's
-        running statistics), and copy those first. ``Booster.boost`` calls it."""
+        running statistics), and copy those first. ``Booster.boost`` calls it.
+
+        Args:
+            model: the model whose forward waits, or None.
+            optimizer: the optimizer whose ``step()`` waits, or None.
+        """
         guards = self.__dict__.setdefault("_guards", [])
         for obj, register in (
             (model, lambda o, hook: o.register_forward_pre_hook(hook, prepend=True)),
@@ -253,6 +353,9 @@ class CheckpointIO(ABC):
     def _load_model(
         self, model, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify, key_map, allow_dtype_cast
     ) -> LoadReport: ...
+
+    @abstractmethod
+    def _save_lora(self, model, checkpoint: str, *, use_safetensors: bool) -> None: ...
 
     @abstractmethod
     def _save_optimizer(self, optimizer, checkpoint: str, **kwargs) -> None: ...

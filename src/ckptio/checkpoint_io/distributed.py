@@ -32,6 +32,10 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
     background. Layouts that would need collectives on the mesh to stage (``Partial``
     placements, strided shards) and a ``group`` other than the default one save
     synchronously. Call ``booster.wait()`` before destroying the process group.
+
+    Args:
+        group: the process group whose ranks save and load together (None: the default group).
+        layout: how the job is laid out (plugin, mesh shape), recorded in each folder's manifest.
     """
 
     def __init__(self, group: Any = None, *, layout: dict[str, Any] | None = None) -> None:

@@ -13,7 +13,7 @@ share one code path.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -46,7 +46,14 @@ from ckptio.layouts.optimizer import (
     write_full,
 )
 from ckptio.state.hf_config import hf_config_files
-from ckptio.state.model import extra_state_modules, live_state, model_state_to_save, tied_aliases, unwrap_model
+from ckptio.state.model import (
+    extra_state_modules,
+    frozen_keys,
+    live_state,
+    model_state_to_save,
+    tied_aliases,
+    unwrap_model,
+)
 from ckptio.state.report import LoadReport
 
 
@@ -55,7 +62,11 @@ class GeneralCheckpointIO(CheckpointIO):
 
     ``use_async=True`` returns at once; a background thread copies the state into reused host
     buffers (the boosted optimizer's ``step()`` and model's forward wait for the copies of what
-    they modify), then writes and commits it (``booster.wait()`` makes it durable).
+    they modify), then writes and commits it (``booster.wait()`` makes it durable). The ``*_part`` methods
+    and :meth:`save_parts` are the extension points of a plugin's CheckpointIO and of
+    ``ckptio.training.save_checkpoint``; the ``check_*`` / ``prepare_*`` ones check a load
+    without changing anything. ``optimizer_layout`` (``"ckptio"`` or ``"colossalai"``) picks the
+    layout of sharded optimizer saves; loads detect it.
     """
 
     #: Layout of sharded optimizer saves: "ckptio" (parameter names, safetensors + JSON, the
@@ -79,24 +90,45 @@ class GeneralCheckpointIO(CheckpointIO):
         """The model's weights (tied tensors once) and modules' extra state, plus the index and
         ``extra_files`` of a sharded save (default: ``config.json`` and ``generation_config.json``
         of a ``transformers`` model). Extra state that is not a tensor is encoded now, so a value
-        that cannot be saved raises before anything is written."""
+        that cannot be saved raises before anything is written.
+
+        Frozen parameters (``requires_grad=False``) go into shards of their own, which the next
+        save links instead of rewriting while they stay unchanged; ``opts.only_trainable``
+        leaves them out and names them in the index (or the one file).
+
+        Args:
+            model: the model whose state is saved.
+            opts: the file options (one file or shards, prefix, shard size, format).
+            subdir: the folder inside the commit (``modeling`` in a training checkpoint).
+            checkpoint: the target path, for a one-file save's format by suffix and for errors.
+            extra_files: ``{name: bytes}`` written beside the shards by the master.
+        """
         if extra_files is None and opts.shard:
             extra_files = hf_config_files(unwrap_model(model))
-        tensors, extra = model_state_to_save(model)
+        frozen = frozen_keys(model)
+        tensors, extra = model_state_to_save(model, only_trainable=opts.only_trainable)
         encoded = extra_state_format.encode(extra, path=checkpoint) if extra else None
         return TensorPart(
             tensors,
-            opts.write_spec(checkpoint, encoded),
+            opts.write_spec(checkpoint, encoded, frozen),
             self.group,
             subdir=subdir,
-            metadata=model_metadata(opts, extra_files, encoded) if opts.shard else None,
+            metadata=model_metadata(opts, extra_files, encoded, frozen) if opts.shard else None,
             slot="model",
             master_only=self.group.solo,
+            static=frozenset(frozen),
         )
 
     def optimizer_part(self, optimizer, opts: OptimizerSaveOptions, *, subdir: str = "", checkpoint=None) -> Part:
-        """ckptio's sharded layout goes through the engine like weights; one file and
-        ColossalAI's layout are gathered whole on the master, which writes them."""
+        """The optimizer's state as a part: ckptio's sharded layout goes through the engine like
+        weights; one file and ColossalAI's layout are gathered whole on the master, which writes them.
+
+        Args:
+            optimizer: the optimizer whose state is saved.
+            opts: the layout, prefix and shard size.
+            subdir: the folder inside the commit (``optimizer`` in a training checkpoint).
+            checkpoint: the target path, for errors (a one-file safetensors save checks the state first).
+        """
         if opts.shard and opts.layout == "ckptio":
             flat, description = flat_optimizer_state(optimizer)
             description = copy.deepcopy(description)  # the hyper-parameters of now, not after the next step
@@ -122,17 +154,27 @@ class GeneralCheckpointIO(CheckpointIO):
 
     def lr_scheduler_part(self, lr_scheduler, name: str, *, checkpoint=None) -> Part:
         """The scheduler's state as one small ``torch.save`` file, written by the master (every rank
-        holds the same)."""
+        holds the same).
+
+        Args:
+            lr_scheduler: the scheduler.
+            name: the file's name inside the commit.
+            checkpoint: the target path, named in errors (a state ``torch.load`` would refuse).
+        """
         data = scheduler_file_bytes(lr_scheduler.state_dict(), path=checkpoint or name)
         return FilesPart({name: data}, master_only=True)
 
     def manifest_extra(self) -> dict[str, Any] | None:
+        """What this IO adds to each folder's manifest: the saving job's layout, when known."""
         return {"layout": self.layout} if self.layout else None
 
     # ------------------------------------------------------------------ the commit, sync or async
     def background_group(self, group: Group) -> Group | None:
         """The group a background save of ``group``'s parts runs its collectives on, or None where
         an async save must stay synchronous.
+
+        Args:
+            group: the group the parts were built on.
 
         A world of one needs no group. Otherwise a gloo group of its own, created at the first
         async save (``new_group`` is entered by every rank of the world, so only for the default
@@ -156,26 +198,43 @@ class GeneralCheckpointIO(CheckpointIO):
         group: Group | None = None,
         use_async: bool = False,
         what: str = "checkpoint",
+        reuse: Sequence[str] | None = (),
     ) -> SaveHandle:
         """Write ``parts`` into one commit of ``checkpoint`` over ``group`` (default: this IO's).
+
+        Args:
+            checkpoint: the target path or URL.
+            parts: what the save writes (:meth:`model_part`, :meth:`optimizer_part`, ...).
+            folder: a folder commit (False: exactly one part writes exactly one file).
+            owns: which entries of an existing folder the save replaces (the rest are kept).
+            group: the group the parts' collectives run on.
+            use_async: copy and write in the background.
+            what: how messages name the save.
+            reuse: committed folders whose unchanged files may be linked instead of written (see
+                :func:`ckptio.engine.save.save_parts`); None: none.
 
         ``use_async``: take references to the live tensors now, copy and write them on the
         background thread; stays synchronous when a part cannot be staged without collectives on
         its mesh (``Partial`` placements, strided shards) or no background group can exist (a
-        plugin on a subgroup). Every rank reaches the same answer. Returns the save's handle.
+        plugin on a subgroup). Every rank reaches the same answer.
+
+        Returns:
+            The save's handle (completed at once for a synchronous save).
         """
         group = group or self.group
         extra = self.manifest_extra()
         background = self.background_group(group) if use_async else None
         if background is None or not all(p.stageable() for p in parts):
-            save_parts(checkpoint, parts, group, folder=folder, owns=owns, manifest_extra=extra)
+            save_parts(checkpoint, parts, group, folder=folder, owns=owns, manifest_extra=extra, reuse=reuse)
             return SaveHandle.completed(what)
         self.async_saver.wait()  # the previous save's buffers are free and its error raised before anything starts
         requests = request_stages(parts, group, background, what)
         progress = self.staging_progress()
         return self.async_saver.submit(
             lambda staging: stage_all(requests, staging, background, what, progress),
-            lambda staged: save_parts(checkpoint, staged, background, folder=folder, owns=owns, manifest_extra=extra),
+            lambda staged: save_parts(
+                checkpoint, staged, background, folder=folder, owns=owns, manifest_extra=extra, reuse=reuse
+            ),
             what=what,
             progress=progress,
         )
@@ -199,6 +258,13 @@ class GeneralCheckpointIO(CheckpointIO):
             extra=extra_state_modules(model),
         )  # fmt: skip
         return report
+
+    def _save_lora(self, model: nn.Module, checkpoint: str, *, use_safetensors: bool) -> None:
+        from ckptio import lora
+
+        parts = lora.adapter_parts(model, self.group, use_safetensors=use_safetensors)
+        owns = lora.adapter_files(model)
+        self.save_parts(checkpoint, parts, folder=True, owns=owns, what=f"adapters to {checkpoint}")
 
     # ------------------------------------------------------------------ optimizer
     def _save_optimizer(self, optimizer, checkpoint: str, *, shard, gather_dtensor, prefix, max_shard_bytes, use_async):
@@ -238,7 +304,15 @@ class GeneralCheckpointIO(CheckpointIO):
     def check_model_load(
         self, model: nn.Module, checkpoint: str, *, strict: bool, key_map=None, allow_dtype_cast: bool = True
     ) -> LoadReport:
-        """The fit of a model checkpoint to ``model`` from the headers alone (strict: raises)."""
+        """The fit of a model checkpoint to ``model`` from the headers alone; changes nothing.
+
+        Args:
+            model: the live model.
+            checkpoint: a local path.
+            strict: raise :class:`StateMismatchError` when anything does not fit.
+            key_map: checkpoint key -> model key (a dict, or a function; None drops a key).
+            allow_dtype_cast: cast tensors stored in another dtype (False: a mismatch).
+        """
         dest = live_state(model)
         report = match_files(
             detect(checkpoint, "model"), dest, tied_aliases(dest), key_map=key_map,
@@ -251,10 +325,21 @@ class GeneralCheckpointIO(CheckpointIO):
         return report
 
     def prepare_optimizer_load(self, optimizer, checkpoint: str, *, verify: bool) -> Callable[[], None]:
-        """Read and check this rank's optimizer state; returns the call that loads it."""
+        """Read and check this rank's optimizer state; returns the call that loads it.
+
+        Args:
+            optimizer: the live optimizer.
+            checkpoint: a local path.
+            verify: check every checksum of the manifest first.
+        """
         state = read_optimizer_state(optimizer, detect(checkpoint, "optimizer"), verify=verify)
         return lambda: apply_optimizer_load(optimizer, state, checkpoint)
 
     def prepare_lr_scheduler_load(self, lr_scheduler, checkpoint: str) -> Callable[[], None]:
-        """Read and check a scheduler file against ``lr_scheduler``; returns the call that loads it."""
+        """Read and check a scheduler file against ``lr_scheduler``; returns the call that loads it.
+
+        Args:
+            lr_scheduler: the live scheduler.
+            checkpoint: a local path.
+        """
         return lr_scheduler_layout.prepare_lr_scheduler_load(lr_scheduler, checkpoint)

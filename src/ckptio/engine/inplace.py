@@ -22,7 +22,9 @@ to a one-process save.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,7 @@ from ckptio.engine.plan import FilePlan
 from ckptio.engine.spread import Spread
 from ckptio.engine.tensors import Region, StagedPart, is_dtensor, local_region
 from ckptio.formats import dtypes, safetensors_format
-from ckptio.storage.base import FileRecord, FileWriter, PositionalFile
+from ckptio.storage.base import FileRecord, FileWriter, PositionalFile, new_hasher
 
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -50,10 +52,11 @@ class FileLayout:
     starts: dict[str, int]
 
 
-def file_layout(name: str, keys: tuple[str, ...], meta: Meta) -> FileLayout:
-    """The layout ``safetensors_format.iter_file_chunks`` produces for these tensors, in order."""
+def file_layout(name: str, keys: tuple[str, ...], meta: Meta, metadata: dict[str, str] | None = None) -> FileLayout:
+    """The layout ``safetensors_format.iter_file_chunks`` produces for these tensors, in order
+    (``metadata``: the header's ``__metadata__``, ``{"format": "pt"}`` by default)."""
     entries = [(k, meta[k][0], meta[k][1]) for k in keys]
-    header = safetensors_format.build_header(entries, SAFETENSORS_METADATA)
+    header = safetensors_format.build_header(entries, metadata or SAFETENSORS_METADATA)
     starts, at = {}, len(header)
     for key, dtype, shape in entries:
         starts[key] = at
@@ -118,27 +121,106 @@ def rank_steps(plan: FilePlan, meta: Meta, spreads: dict[str, Spread], layouts: 
     return steps
 
 
+def _local_tensor(t) -> torch.Tensor:
+    """This rank's part of ``t`` (its box, or whole replica) as contiguous CPU memory."""
+    local = t.local if isinstance(t, StagedPart) else t.to_local() if is_dtensor(t) else t
+    local = local.detach()
+    return local if local.device.type == "cpu" and local.is_contiguous() else local.cpu().contiguous()
+
+
+class Pieces:
+    """The hashes of the pieces this rank contributes to each file, and each file's fingerprint.
+
+    A piece is what one rank puts into a file: the header (the file's owner), a box it writes
+    at an offset, or the local box it sends to the owner of a tensor collected there. A file's
+    fingerprint hashes every rank's pieces (position and xxh3-128 of the bytes), so two saves
+    from the same layout give the same fingerprint exactly when they put the same bytes in the
+    file, and a save can tell that before it writes: the fingerprint is what
+    :attr:`FileRecord.pieces` records for the next save to compare with.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: dict[int, list[tuple]] = {}
+
+    def add(self, file: int, where: tuple, data: memoryview | bytes) -> None:
+        hasher = new_hasher()
+        hasher.update(data)
+        self._pieces.setdefault(file, []).append((*where, len(data), hasher.hexdigest()))
+
+    def digests(self) -> dict[int, str]:
+        """One digest per file of this rank's pieces, for the exchange."""
+        out = {}
+        for file, pieces in self._pieces.items():
+            hasher = new_hasher()
+            hasher.update(repr(sorted(pieces)).encode())
+            out[file] = hasher.hexdigest()
+        return out
+
+    @staticmethod
+    def fingerprints(gathered: list[dict[int, str]], files: int) -> list[str]:
+        """Each file's fingerprint from every rank's digests (the same on every rank)."""
+        out = []
+        for file in range(files):
+            hasher = new_hasher()
+            hasher.update(repr(sorted(d[file] for d in gathered if file in d)).encode())
+            out.append(hasher.hexdigest())
+        return out
+
+
+def _hash_pieces(state: dict, steps: list[Step], spreads, layouts: list[FileLayout], rank, owners, files) -> Pieces:
+    """This rank's pieces of ``files``, hashed without writing (local work only)."""
+    pieces = Pieces()
+    for i in files:
+        if owners[i] == rank:
+            pieces.add(i, ("header",), layouts[i].header)
+    for step in steps:
+        if step.file in files:
+            _hash_step(pieces, state, step, spreads, rank)
+    return pieces
+
+
+def _hash_step(pieces: Pieces, state: dict, step: Step, spreads, rank: int) -> None:
+    t = state[step.key]
+    if not step.gather:
+        pieces.add(step.file, ("at", step.offset), _local_bytes(t, step.region))
+        return
+    region = local_region(t)
+    if region.numel and (spreads[step.key].writes(rank) or not region.box):
+        where = ("box", step.offset, tuple(region.offset), tuple(region.shape), region.box)
+        pieces.add(step.file, where, safetensors_format.tensor_bytes(_local_tensor(t)))
+
+
 def write_in_place(
     state: dict, plan: FilePlan, meta: Meta, spreads: dict[str, Spread], writer: FileWriter,
-    group: Group, names: list[str],
+    group: Group, names: list[str], metadata: dict[str, str] | None = None, static: Collection[str] = (),
 ) -> list[FileRecord]:  # fmt: skip
     """Create, fill and check every file of ``plan`` from every rank (collective); returns the
     records of the files this rank owns. Any rank's failure is raised on every rank.
 
     Each rank works out its own pieces from the spreads alone (:func:`rank_steps`): for a tensor
     whose boxes are all contiguous, the box this rank writes (if any); the others are collected
-    on the file's owner.
+    on the file's owner. ``metadata``: the ``__metadata__`` of the headers.
+
+    A file of ``static`` tensors for which :attr:`FileWriter.reuse` holds a file of the same
+    size is first hashed piece by piece on every rank; if an earlier save from the same layout
+    wrote the same pieces (the fingerprints agree), the owner links that file and nobody writes it.
     """
     rank = group.rank
-    layouts = [file_layout(names[i], keys, meta) for i, (_, keys) in enumerate(plan.files)]
-    mine = plan.files_of(rank)
+    layouts = [file_layout(names[i], keys, meta, metadata) for i, (_, keys) in enumerate(plan.files)]
+    steps = rank_steps(plan, meta, spreads, layouts, rank)
+    reusable = [i for i, (_, keys) in enumerate(plan.files) if set(keys) <= set(static)]
+    reused = _link_unchanged(state, plan, spreads, layouts, steps, writer, group, reusable)
+    mine = [i for i in plan.files_of(rank) if i not in reused]
     collective_step(
         group,
-        f"creating {len(plan.files)} files to write in place",
+        f"creating {len(plan.files) - len(reused)} files to write in place",
         lambda: [writer.create(layouts[i].name, layouts[i].size, layouts[i].header) for i in mine],
     )
     opened: dict[int, PositionalFile] = {}
     error: BaseException | None = None
+    pieces = Pieces()
+    for i in mine:
+        pieces.add(i, ("header",), layouts[i].header)
 
     def file(i: int) -> PositionalFile:
         if i not in opened:
@@ -146,13 +228,17 @@ def write_in_place(
         return opened[i]
 
     try:
-        for step in rank_steps(plan, meta, spreads, layouts, rank):
+        for step in steps:
+            if step.file in reused:
+                continue
             if step.gather:  # collective: every rank, same order, even after a local failure
                 full = gather_full(state[step.key], spreads[step.key], plan.owners[step.file], group)
-                if full is not None and error is None:
+                if error is None:
                     try:
-                        whole = Region((0,) * full.dim(), tuple(full.shape))
-                        file(step.file).write_at(step.offset, [_local_bytes(full, whole)])
+                        _hash_step(pieces, state, step, spreads, rank)
+                        if full is not None:
+                            whole = Region((0,) * full.dim(), tuple(full.shape))
+                            file(step.file).write_at(step.offset, [_local_bytes(full, whole)])
                     except Exception as exc:  # noqa: BLE001 (reported to every rank below)
                         error = exc
                 continue
@@ -162,7 +248,9 @@ def write_in_place(
                 region = local_region(state[step.key])
                 if region != step.region:
                     raise RuntimeError(f"{step.key}: holds box {region}, the plan expects {step.region}")
-                file(step.file).write_at(step.offset, [_local_bytes(state[step.key], region)])
+                data = _local_bytes(state[step.key], region)
+                pieces.add(step.file, ("at", step.offset), data)
+                file(step.file).write_at(step.offset, [data])
             except Exception as exc:  # noqa: BLE001 (reported to every rank below)
                 error = exc
     finally:
@@ -172,6 +260,40 @@ def write_in_place(
             except Exception as exc:  # noqa: BLE001
                 error = error or exc
     report_errors(group, f"writing {len(plan.files)} files in place", error)
-    return collective_step(
-        group, "checking the files written in place", lambda: [writer.record_of(layouts[i].name) for i in mine]
+    gathered = collective_step(group, "exchanging the hashes of the pieces written", pieces.digests, gather=True)
+    fingerprints = Pieces.fingerprints(gathered, len(plan.files))
+    written = collective_step(
+        group,
+        "checking the files written in place",
+        lambda: [dataclasses.replace(writer.record_of(layouts[i].name), pieces=fingerprints[i]) for i in mine],
     )
+    return written + [reused[i] for i in plan.files_of(rank) if i in reused]
+
+
+def _link_unchanged(state, plan: FilePlan, spreads, layouts, steps, writer: FileWriter, group: Group, files) -> dict:
+    """The files an earlier checkpoint of :attr:`FileWriter.reuse` already holds, linked by
+    their owners: ``{file index: record}`` (records on their owner only, the keys everywhere).
+
+    Only ``files`` (of static tensors) of a size the index holds are hashed (every rank hashes its pieces of them, one
+    exchange of digests), so a save with nothing to reuse costs nothing here."""
+    reuse = writer.reuse
+    candidates = [i for i in files if reuse is not None and reuse.has_size(layouts[i].size)]
+    if not candidates:
+        return {}
+    rank = group.rank
+    hashed = _hash_pieces(state, steps, spreads, layouts, rank, plan.owners, set(candidates))
+    gathered = collective_step(group, "hashing the pieces of files that may be unchanged", hashed.digests, gather=True)
+    fingerprints = Pieces.fingerprints(gathered, len(plan.files))
+    found = {i: reuse.by_layout(layouts[i].size, fingerprints[i]) for i in candidates}
+
+    def link_mine() -> dict:
+        out = {}
+        for i, source in found.items():
+            if source is not None and plan.owners[i] == rank:
+                record = writer.link(layouts[i].name, source)
+                if record is not None:
+                    out[i] = record
+        return out
+
+    linked = collective_step(group, "linking unchanged files", link_mine, gather=True)
+    return {i: record for per_rank in linked for i, record in per_rank.items()}

@@ -29,10 +29,11 @@ from torch import nn
 
 from ckptio.engine.group import Group, collective_step, peer_failure, report_errors
 from ckptio.engine.plan import replica_writers
-from ckptio.engine.reader import Shapes, TensorFile
+from ckptio.engine.reader import FileHeader, TensorFile, is_safetensors, read_header
 from ckptio.engine.tensors import is_dtensor, local_part, local_region
 from ckptio.errors import CheckpointCorruptError, CheckpointError, StateMismatchError
-from ckptio.formats import extra_state
+from ckptio.formats import extra_state, safetensors_format
+from ckptio.formats import frozen as frozen_format
 from ckptio.formats.dtypes import cast_refusal, to_name
 from ckptio.layouts.detect import Located, detect
 from ckptio.state.report import (
@@ -45,6 +46,7 @@ from ckptio.state.report import (
     match_keys,
     wrapper_prefix,
 )
+from ckptio.storage.reading import open_source
 from ckptio.storage.verify import check_against_manifest
 
 # [(file, [(file_key, live_key), ...]), ...]: what to copy from where
@@ -68,9 +70,9 @@ class Matched(NamedTuple):
     extra: dict[str, Any]
 
 
-def _header(path: Path) -> tuple[Shapes, dict[str, Any]]:
-    with TensorFile(path) as tf:
-        return tf.shapes(), tf.extra_state()
+def read_headers(located: Located) -> dict[str, FileHeader]:
+    """The header of every weights file of a checkpoint, parsed once for the match and the copy."""
+    return {name: read_header(located.folder / name) for name in located.weight_files}
 
 
 def _index_extra_state(located: Located) -> dict[str, Any]:
@@ -89,6 +91,24 @@ def saved_extra_state(located: Located) -> dict[str, Any]:
     return found
 
 
+def omitted_frozen(located: Located, files: dict[str, FileHeader] | None = None) -> list[str]:
+    """The keys a trainable-only checkpoint left out because they were frozen (its index's
+    metadata, or its one safetensors file's), as the checkpoint names them; [] for a full one.
+    ``files``: headers already parsed (:func:`read_headers`), whose metadata is used when there."""
+    if located.index is not None:
+        return frozen_format.from_index(located.index.metadata, path=located.index.path)
+    if located.entry is None:
+        return []
+    known = (files or {}).get(located.entry)
+    if known is not None and known.parsed is not None:
+        return frozen_format.from_metadata(known.parsed.metadata, path=located.entry_path)
+    if not is_safetensors(located.entry_path):
+        return []
+    path = located.entry_path
+    with safetensors_format.SafetensorsReader.open(path, open_source(path)) as reader:  # a URL's: by byte ranges
+        return frozen_format.from_metadata(reader.metadata, path=path)
+
+
 def match_files(
     located: Located,
     dest: dict[str, torch.Tensor],
@@ -97,6 +117,7 @@ def match_files(
     key_map: KeyMap | None = None,
     allow_dtype_cast: bool = True,
     extra: Collection[str] = (),
+    files: dict[str, FileHeader] | None = None,
 ) -> Matched:
     """Pair every tensor of every file with its live tensor from the headers alone, and every
     saved extra state with a live one among ``extra`` (keys of modules' extra state, whose value
@@ -107,7 +128,8 @@ def match_files(
     are missing. A dtype difference is a cast (listed in ``report.cast``) unless
     ``allow_dtype_cast`` is False or the cast would change values (:func:`cast_refusal`): then
     it is a mismatch, like a shape difference. Tied live tensors (``aliases``: alias -> first
-    name) are one tensor: loading it under any of its names loads them all.
+    name) are one tensor: loading it under any of its names loads them all. ``files``: the
+    headers :func:`read_headers` gave (else read here).
     """
     report = LoadReport()
     per_file: CopyPlan = []
@@ -116,7 +138,8 @@ def match_files(
     extra = set(extra)
     index = located.index
     to_model = key_mapper(key_map)
-    headers = [(name, *_header(located.folder / name)) for name in located.weight_files]
+    files = read_headers(located) if files is None else files
+    headers = [(name, files[name].shapes, files[name].extra) for name in located.weight_files]
     saved_extra = _index_extra_state(located)
     for name, shapes, values in headers:
         saved_extra.update(values)
@@ -169,10 +192,13 @@ def match_files(
     # a tied tensor is loaded (or mismatched) under any of its names
     loaded_ties = {aliases.get(k, k) for k in loaded}
     mismatched_ties = {aliases.get(m.key, m.key) for m in report.mismatched}
+    # what a trainable-only checkpoint says it left out (frozen when saved), in the model's names
+    left_out = set(match_keys(omitted_frozen(located, files), live_keys, prefix, to_model)[0].values())
+    left_out |= {aliases.get(k, k) for k in left_out}
     for key in dest:
         tie = aliases.get(key, key)
         if tie not in loaded_ties and tie not in mismatched_ties:
-            report.missing_keys.append(key)
+            (report.frozen_keys if key in left_out or tie in left_out else report.missing_keys).append(key)
     report.missing_keys.extend(key for key in extra if key not in found)
     return Matched(per_file, report, found)
 
@@ -225,20 +251,22 @@ class _LoadPlan:
     per_file: CopyPlan
     report: LoadReport
     extra: dict[str, Any]
+    files: dict[str, FileHeader]
 
 
 def _plan_load(
     checkpoint, dest: dict, aliases: dict[str, str], verify: bool, key_map, allow_dtype_cast, extra: Collection[str]
 ) -> _LoadPlan:
     located = checkpoint if isinstance(checkpoint, Located) else detect(checkpoint, "model")
+    files = read_headers(located)
     per_file, report, found = match_files(
-        located, dest, aliases, key_map=key_map, allow_dtype_cast=allow_dtype_cast, extra=extra
+        located, dest, aliases, key_map=key_map, allow_dtype_cast=allow_dtype_cast, extra=extra, files=files
     )
     _check_materializable(dest, per_file, located.entry_path)
     # Each rank checks the sizes (and checksums) of the files it will read.
     reads = {name for name, todo in per_file if todo} | {v.file for v in found.values() if isinstance(v, TensorAt)}
     check_against_manifest(located.folder, sorted(reads), checksums=verify)
-    return _LoadPlan(located, per_file, report, found)
+    return _LoadPlan(located, per_file, report, found, files)
 
 
 def _hand_back(folder: Path, found: dict[str, Any], modules: dict[str, nn.Module]) -> None:
@@ -274,12 +302,15 @@ def _copy_into(reader: TensorFile, file_key: str, live: torch.Tensor) -> None:
     local.copy_(distribute_tensor(full, live.device_mesh, live.placements, src_data_rank=None).to_local())
 
 
-def _copy_file(folder: Path, name: str, todo: list[tuple[str, str]], dest: dict) -> None:
+def _copy_file(folder: Path, name: str, todo: list[tuple[str, str]], dest: dict, header: FileHeader) -> None:
     if not todo:
         return
-    with TensorFile(folder / name) as reader, torch.no_grad():
-        order = {k: i for i, k in enumerate(reader.in_file_order([k for k, _ in todo]))}
-        for file_key, live_key in sorted(todo, key=lambda kv: order[kv[0]]):
+    with TensorFile(folder / name, header) as reader, torch.no_grad():
+        plain = [(k, dest[live].detach()) for k, live in todo if not is_dtensor(dest[live])]
+        reader.copy_all(plain)  # in file order, runs of small tensors in one read each
+        sharded = [(k, live) for k, live in todo if is_dtensor(dest[live])]
+        order = {k: i for i, k in enumerate(reader.in_file_order([k for k, _ in sharded]))}
+        for file_key, live_key in sorted(sharded, key=lambda kv: order[kv[0]]):
             _copy_into(reader, file_key, dest[live_key])
 
 
@@ -352,13 +383,17 @@ def load_state(
     mine = [(name, [(f, k) for f, k in todo if readers.get(k, rank) == rank]) for name, todo in plan.per_file]
     work = [(name, todo) for name, todo in mine if todo]
     error: BaseException | None = None
+
+    def copy(item: tuple[str, list[tuple[str, str]]]) -> None:
+        _copy_file(located.folder, item[0], item[1], targets, plan.files[item[0]])
+
     try:
         if num_threads > 1 and len(work) > 1:
             with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ckptio-read") as pool:
-                list(pool.map(lambda item: _copy_file(located.folder, item[0], item[1], targets), work))
+                list(pool.map(copy, work))
         else:
-            for name, todo in work:
-                _copy_file(located.folder, name, todo, targets)
+            for item in work:
+                copy(item)
         _hand_back(located.folder, plan.extra, extra)
     except Exception as exc:  # noqa: BLE001 (reported to every rank below)
         error = exc

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from ckptio.engine.group import Group, peer_failure
-from ckptio.engine.reader import TensorFile
+from ckptio.engine.reader import DcpFile, TensorFile
 from ckptio.engine.tensors import is_dtensor, local_region
 from ckptio.errors import CheckpointCorruptError, CheckpointFormatError
+from ckptio.layouts import dcp as dcp_layout
 from ckptio.layouts.detect import Located
 from ckptio.layouts.optimizer import read_saved
 from ckptio.state import optimizer as ostate
@@ -136,12 +137,14 @@ def place_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 class StateTensorReader:
-    """Resolves a :class:`~ckptio.state.optimizer.TensorRef` of ckptio's layout to what this rank
-    needs: for a DTensor parameter only its box is read from the file, else the whole tensor."""
+    """Resolves a :class:`~ckptio.state.optimizer.TensorRef` of ckptio's layout (or a DCP
+    checkpoint's) to what this rank needs: for a DTensor parameter only its box is read from the
+    file, else the whole tensor. ``open_file`` opens the file a ``weight_map`` entry names."""
 
-    def __init__(self, folder: Path, weight_map: dict[str, str]) -> None:
+    def __init__(self, folder: Path, weight_map: dict[str, str], open_file=TensorFile) -> None:
         self.folder = folder
         self.weight_map = weight_map
+        self.open_file = open_file
         self._open: dict[str, TensorFile] = {}
 
     def _reader(self, ref: ostate.TensorRef) -> TensorFile:
@@ -150,7 +153,7 @@ class StateTensorReader:
             raise CheckpointCorruptError(f"index has no file for state tensor {ref.key!r}", path=self.folder)
         reader = self._open.get(name)
         if reader is None:
-            reader = self._open[name] = TensorFile(self.folder / name)
+            reader = self._open[name] = self.open_file(self.folder / name)
         found = reader.shapes().get(ref.key)
         if found is None or found[0] != ref.dtype or tuple(found[1]) != ref.shape:
             raise CheckpointCorruptError(
@@ -186,6 +189,8 @@ def prepare_optimizer_load(optimizer: torch.optim.Optimizer, located: Located, *
     """Everything a load checks before the optimizer is changed, in any layout: the files, the
     fit of the saved optimizer to the live one (names, groups, shapes), and the state tensors
     this rank needs, read. Returns the ``state_dict`` to hand to :func:`apply_optimizer_load`."""
+    if located.layout == "dcp":
+        return _prepare_dcp_load(optimizer, located)
     saved, weight_map = read_saved(located, verify=verify)
     skeleton, params = ostate.match_saved_to_live(saved, optimizer, ostate.param_names(optimizer))
     if weight_map is not None:
@@ -199,6 +204,21 @@ def prepare_optimizer_load(optimizer: torch.optim.Optimizer, located: Located, *
             for sname, value in entries.items():
                 entries[sname] = ostate.map_tensors(value, lambda t, p=params[pid]: place_like(t, p))
     return skeleton
+
+
+def _prepare_dcp_load(optimizer: torch.optim.Optimizer, located: Located) -> dict[str, Any]:
+    """A DCP checkpoint's optimizer (:mod:`ckptio.layouts.dcp`), state tensors read box by box."""
+    names = ostate.param_names(optimizer)
+    sizes = [len(group) for group in ostate.optimizer_params(optimizer)]
+    with DcpFile(located.entry_path, all_keys=True) as entries:
+        saved = dcp_layout.saved_optimizer(entries.meta, entries.value, names, sizes)
+        skeleton, params = ostate.match_saved_to_live(saved, optimizer, names)
+        refs = {key: located.entry for key in entries.meta.tensors}
+    reader = StateTensorReader(located.folder, refs, lambda path: DcpFile(path, all_keys=True))
+    try:
+        return ostate.materialize(skeleton, params, reader)
+    finally:
+        reader.close()
 
 
 def apply_optimizer_load(optimizer: torch.optim.Optimizer, skeleton: dict[str, Any], where) -> None:

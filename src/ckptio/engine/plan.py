@@ -3,7 +3,11 @@
 The shard layout depends only on the tensors and the options, never on the number of
 ranks: tensors are packed into size-bounded shards in state order
 (:func:`~ckptio.engine.split.split_greedy`, as Hugging Face and ColossalAI pack them), so
-one process, 2 or 4 ranks, FSDP2 or DDP write the same files, byte for byte. Only then is
+one process, 2 or 4 ranks, FSDP2 or DDP write the same files, byte for byte. Tensors that
+do not change between saves (``static``: frozen parameters) are packed first, into shards
+of their own: a shard that mixed them with trained tensors would change at every save, one
+that holds only them keeps its bytes and is linked, not rewritten, by the next checkpoint
+(:mod:`ckptio.storage.reuse`). Only then is
 each file given an owner rank, balancing the ranks' bytes
 (:func:`~ckptio.engine.split.assign_owners`). Every rank computes the same plan from the
 same inputs without talking.
@@ -11,7 +15,7 @@ same inputs without talking.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from ckptio.engine.split import assign_owners, split_greedy
@@ -51,22 +55,31 @@ def plan_files(
     max_shard_bytes: int,
     shard: bool = True,
     empty_file: bool = True,
+    static: Collection[str] = (),
 ) -> FilePlan:
     """Pack tensors into shards (state order), then balance the shards over ``world_size`` writers.
 
     ``shard=False`` gives one file named ``weights_name`` written by rank 0. An empty state
     gives one empty file when ``empty_file`` (a model folder always has weights) and no file
-    otherwise (an optimizer before its first step has no state tensors).
+    otherwise (an optimizer before its first step has no state tensors). Keys in ``static``
+    go first, in shards that hold nothing else (each group keeps state order).
     """
     total = sum(n for _, n in sizes)
     if not shard:
         return FilePlan(((weights_name, tuple(k for k, _ in sizes)),), (0,), total, False)
     if not sizes and not empty_file:
         return FilePlan((), (), 0, True)
-    split = split_greedy(sizes, max_shard_bytes)
-    count = len(split)
-    files = tuple((naming.shard_name(weights_name, i, count), keys) for i, keys in enumerate(split.shards))
-    owners = assign_owners(list(split.shard_bytes), world_size)
+    static = set(static)
+    groups = [g for g in ([s for s in sizes if s[0] in static], [s for s in sizes if s[0] not in static]) if g]
+    shards: list[tuple[str, ...]] = []
+    shard_bytes: list[int] = []
+    for items in groups or [[]]:
+        split = split_greedy(items, max_shard_bytes)
+        shards += split.shards
+        shard_bytes += split.shard_bytes
+    count = len(shards)
+    files = tuple((naming.shard_name(weights_name, i, count), keys) for i, keys in enumerate(shards))
+    owners = assign_owners(shard_bytes, world_size)
     return FilePlan(files, owners, total, True)
 
 

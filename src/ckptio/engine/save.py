@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from ckptio.engine.spread import HeldSpread, SpreadOf
 from ckptio.engine.tensors import can_stage_parts, stage_parts, staged_parts
 from ckptio.engine.write import WriteSpec, replica_writer_of_each_key, write_state
 from ckptio.storage.atomic import new_token
-from ckptio.storage.base import FileRecord, FileWriter
+from ckptio.storage.base import FileRecord, FileWriter, ReuseIndex, check_abandoned
 from ckptio.storage.location import new_commit
 
 Metadata = Callable[[FilePlan], dict[str, bytes]]
@@ -73,7 +73,9 @@ class Part(ABC):
 
 class TensorPart(Part):
     """A ``{name: tensor}`` state (model weights, an optimizer's state tensors) written through
-    the engine, then ``metadata(plan)`` files (index, ``config.json``) by the group's master."""
+    the engine, then ``metadata(plan)`` files (index, ``config.json``) by the group's master.
+    ``static``: the keys that do not change between saves (frozen parameters), planned into
+    shards of their own."""
 
     def __init__(
         self,
@@ -85,12 +87,15 @@ class TensorPart(Part):
         metadata: Metadata | None = None,
         slot: str = "model",
         master_only: bool = False,
+        static: frozenset[str] = frozenset(),
     ) -> None:
         self.state, self.spec, self.group, self.subdir = state, spec, group, subdir
-        self.metadata, self.slot, self.master_only = metadata, slot, master_only
+        self.metadata, self.slot, self.master_only, self.static = metadata, slot, master_only, static
 
     def write(self, writer: FileWriter, file_name: str | None) -> list[FileRecord]:
-        plan, records = write_state(self.state, writer, self.spec, self.group, subdir=self.subdir, file_name=file_name)
+        plan, records = write_state(
+            self.state, writer, self.spec, self.group, subdir=self.subdir, file_name=file_name, static=self.static
+        )
         if self.metadata is None:
             return records
         group, subdir, metadata = self.group, self.subdir, self.metadata
@@ -119,7 +124,7 @@ class TensorPart(Part):
         def build(copies: dict[Any, Any]) -> TensorPart:
             return TensorPart(
                 staged_parts(state, copies, spreads), self.spec, group, subdir=self.subdir, metadata=self.metadata,
-                slot=self.slot, master_only=self.master_only,
+                slot=self.slot, master_only=self.master_only, static=self.static,
             )  # fmt: skip
 
         return StageRequest(Snapshot.of(self.slot, needed), build)
@@ -192,16 +197,26 @@ def save_parts(
     folder: bool,
     owns: Callable[[str], bool] | None = None,
     manifest_extra: dict[str, Any] | None = None,
+    reuse: Sequence[str] | None = (),
 ) -> None:
     """Write ``parts`` from every rank of ``group`` into one commit of ``checkpoint``.
 
     ``folder`` False: a one-file save (exactly one part writes exactly one file). Any rank's
     failure aborts the commit and is raised on every rank; the previous checkpoint stays.
+    Weights files whose bytes the folder being replaced or a committed folder of ``reuse``
+    already holds are linked from it, not written (:mod:`ckptio.storage.reuse`); ``reuse=None``
+    writes every byte.
     """
     is_master = group.rank == 0
     token = group.broadcast_object(new_token() if is_master else None, what="agreeing on the staging folder")
     commit = new_commit(checkpoint, folder=folder, token=token, owns=owns)
     where = os.fspath(checkpoint)
+
+    def begin() -> ReuseIndex | None:
+        if not is_master:
+            return None
+        commit.begin()
+        return commit.reuse_index(reuse) if reuse is not None else None
 
     def write_here() -> list[FileRecord]:
         records: list[FileRecord] = []
@@ -212,16 +227,21 @@ def save_parts(
         return records
 
     try:
-        collective_step(group, f"starting the save of {where}", lambda: commit.begin() if is_master else None)
+        # the master's index of what may be linked, on every rank (each links the files it owns)
+        commit.writer.reuse = collective_step(group, f"starting the save of {where}", begin, gather=True)[0]
         per_rank = collective_step(group, f"writing {where}", write_here, gather=True)
 
         def finish() -> None:
             if not is_master:
                 return
+            check_abandoned(where)  # an exit that stopped waiting: abort rather than commit half a job
             flat = [r for records in per_rank for r in records]
             # who really wrote each weights file: the records each rank returned
             writers = {rec.name: rank for rank, records in enumerate(per_rank) for rec in records if rec.holds_tensors}
             extra = {**(manifest_extra or {}), "written_by_rank": writers, "world_size": group.size}
+            reused = [r for r in flat if r.reused]
+            if reused:  # linked from an earlier checkpoint: not a byte of them was written
+                extra["reused"] = {"files": len(reused), "bytes": sum(r.size for r in reused)}
             commit.commit(flat, manifest_extra=extra)
 
         collective_step(group, f"committing {where}", finish)

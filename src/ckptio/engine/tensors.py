@@ -12,7 +12,7 @@ not one box fall back to ``full_tensor()`` / slicing a full read, correct but mo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -114,11 +114,14 @@ class StagedPart:
 @dataclass(frozen=True)
 class Deferred:
     """A full tensor that is read only when its file is written (``convert`` streams a source
-    checkpoint this way): dtype and shape are known up front, ``load()`` returns the tensor."""
+    checkpoint this way): dtype and shape are known up front, ``load()`` returns the tensor.
+    ``pieces()``, when given, yields the same values as consecutive row-major blocks, so a writer
+    that streams bytes (safetensors) never holds the whole tensor."""
 
     shape: torch.Size
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    pieces: Callable[[], Iterator[torch.Tensor]] | None = None
 
 
 def refuse_meta(state: dict[str, torch.Tensor]) -> None:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from collections.abc import Iterator
+import math
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -66,6 +67,15 @@ class WriteSpec:
     #: modules' extra state that is not a tensor, as :func:`ckptio.formats.extra_state.to_text`:
     #: written into a one-file save (a sharded one keeps it in its index)
     extra_state: str | None = None
+    #: more ``__metadata__`` entries of a one-file safetensors save (a sharded one keeps them in its index)
+    file_metadata: tuple[tuple[str, str], ...] = ()
+
+    def one_file_metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of a one-file safetensors save."""
+        metadata = {**SAFETENSORS_METADATA, **dict(self.file_metadata)}
+        if self.extra_state is not None:
+            metadata[extra_state_format.METADATA_KEY] = self.extra_state
+        return metadata
 
 
 @dataclass(frozen=True)
@@ -79,21 +89,21 @@ class Described:
     digest: str
 
 
-def _signature(state: dict, spread_of: SpreadOf) -> tuple[list, dict]:
+def _signature(state: dict, spread_of: SpreadOf, static: Collection[str]) -> tuple[list, dict]:
     keys, local = [], {}
     for k, t in state.items():
         local[k] = spread_of(t)
-        keys.append((k, str(t.dtype), tuple(int(d) for d in t.shape), describe_spread(local[k])))
+        keys.append((k, str(t.dtype), tuple(int(d) for d in t.shape), describe_spread(local[k]), k in static))
     return keys, local
 
 
-def describe(state: dict, group: Group) -> Described:
+def describe(state: dict, group: Group, static: Collection[str] = ()) -> Described:
     """Collective. Every rank exchanges one digest of its keys, shapes and layouts (O(ranks),
     not ranks x tensors); only tensors whose boxes cannot be worked out locally (strided
     layouts) have their boxes gathered. Ranks that disagree fail together, naming the keys."""
     refuse_meta(state)
     spread_of = SpreadOf(group.rank_of_global(), group.size)
-    keys, local = _signature(state, spread_of)
+    keys, local = _signature(state, spread_of, static)
     if not group.active:
         _check_world_of_one(state, local)
     digest = hashlib.sha1(repr(keys).encode()).hexdigest()
@@ -106,10 +116,10 @@ def describe(state: dict, group: Group) -> Described:
         mine = {k: local_region(state[k]) for k in exchange}
         gathered = collective_step(group, "exchanging the boxes of strided layouts", lambda: mine, gather=True)
         regions = {k: [g[k] for g in gathered] for k in exchange}
-    whole = [(k, torch.Size(shape).numel() * _dtype(dt).itemsize) for k, dt, shape, _ in keys if local[k] == "whole"]
+    whole = [(k, torch.Size(shape).numel() * _dtype(dt).itemsize) for k, dt, shape, *_ in keys if local[k] == "whole"]
     writers = replica_writers(whole, group.size)
     spreads: dict[str, Spread] = {}
-    for k, _, shape, _ in keys:
+    for k, _, shape, *_ in keys:
         spread = local[k]
         if spread == "whole":
             spreads[k] = WholeSpread(shape, writers[k])
@@ -117,7 +127,7 @@ def describe(state: dict, group: Group) -> Described:
             spreads[k] = ExchangedSpread(shape, tuple(regions[k]))
         else:
             spreads[k] = spread
-    return Described(tuple((k, _dtype(dt), shape) for k, dt, shape, _ in keys), spreads, digest)
+    return Described(tuple((k, _dtype(dt), shape) for k, dt, shape, *_ in keys), spreads, digest)
 
 
 def _check_world_of_one(state: dict, local: dict) -> None:
@@ -156,9 +166,9 @@ _PLANS: collections.OrderedDict = collections.OrderedDict()
 _PLAN_CACHE_SIZE = 8
 
 
-def _plan(keys, spec: WriteSpec, world_size: int, digest: str | None = None) -> FilePlan:
+def _plan(keys, spec: WriteSpec, world_size: int, digest: str | None = None, static: Collection[str] = ()) -> FilePlan:
     """The file plan, reused across saves of the same structure (a training loop saves the
-    same model and optimizer again and again)."""
+    same model and optimizer again and again; ``digest`` covers which keys are static)."""
     cache_key = (digest, spec, world_size) if digest is not None else None
     if cache_key is not None and cache_key in _PLANS:
         _PLANS.move_to_end(cache_key)
@@ -171,6 +181,7 @@ def _plan(keys, spec: WriteSpec, world_size: int, digest: str | None = None) -> 
         max_shard_bytes=spec.max_shard_bytes,
         shard=spec.shard,
         empty_file=spec.empty_file,
+        static=static,
     )
     if cache_key is not None:
         _PLANS[cache_key] = plan
@@ -197,17 +208,25 @@ def write_state(
     *,
     subdir: str = "",
     file_name: str | None = None,
+    static: Collection[str] = (),
 ) -> tuple[FilePlan, list[FileRecord]]:
     """Describe, plan and write ``state`` into a staging ``writer`` that every rank shares.
 
     Collective; returns the plan (the same on every rank) and the records of the files this
     rank wrote. Any rank's failure is raised on every rank, after all of them finished the
     loop of collectives. ``file_name`` replaces the name of a one-file save (``spec.shard``
-    False), e.g. the staging name of a single-file commit.
+    False), e.g. the staging name of a single-file commit. ``static``: keys that do not change
+    between saves (frozen parameters), planned into shards of their own (every rank must pass
+    the same; the ranks' agreement is checked with the keys). A file of static tensors whose
+    bytes a checkpoint the writer may reuse already holds is linked from it
+    (:attr:`FileWriter.reuse`), not written; the content decides, the hint only says which
+    files are worth hashing first: the others hold trained tensors or optimizer state, which
+    every optimizer step changes, so they are written without that extra pass.
     """
     state = {k: without_partial(v) for k, v in state.items()}
-    described = describe(state, group)
-    plan = _plan(described.keys, spec, group.size, described.digest)
+    static = frozenset(k for k in static if k in state)
+    described = describe(state, group, static)
+    plan = _plan(described.keys, spec, group.size, described.digest, static)
     prefix = f"{subdir}/" if subdir else ""
     replicas_only = all(isinstance(s, WholeSpread) for s in described.spreads.values())
     if IN_PLACE and spec.use_safetensors and group.active and writer.positional and not replicas_only:
@@ -216,9 +235,10 @@ def write_state(
         # file's owner holds all its tensors already and writes it whole, hashing as it goes.)
         names = [file_name if file_name is not None else prefix + name for name, _ in plan.files]
         meta = {k: (dt, shape) for k, dt, shape in described.keys}
-        records = write_in_place(state, plan, meta, described.spreads, writer, group, names)
+        metadata = spec.one_file_metadata() if not plan.sharded else SAFETENSORS_METADATA
+        records = write_in_place(state, plan, meta, described.spreads, writer, group, names, metadata, static)
     else:
-        records, error = _write_files(state, plan, described.spreads, writer, spec, group, prefix, file_name)
+        records, error = _write_files(state, plan, described.spreads, writer, spec, group, prefix, file_name, static)
         report_errors(group, f"writing {spec.weights_name} files", error)
     return plan, [dataclasses.replace(r, holds_tensors=True) for r in records]
 
@@ -231,12 +251,13 @@ def _rounds(plan: FilePlan, world: int) -> list[list[int]]:
     return [[files[i] for files in per_owner if i < len(files)] for i in range(depth)]
 
 
-def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group: Group, prefix, file_name):
+def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group: Group, prefix, file_name, static):
     """The write loop: collect this round's files on their owners, then every owner hands its
     file to a writer thread. A local failure stops this rank's writing but not its part in the
     collectives; the error is reported after the loop."""
     rank = group.rank
     extra = spec.extra_state if not plan.sharded else None
+    metadata = dict(spec.file_metadata) if not plan.sharded else None
     records: list[FileRecord] = []
     error: BaseException | None = None
     threads = min(WRITE_THREADS, len(plan.files_of(rank)))
@@ -267,18 +288,37 @@ def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group:
                     if full is not None:
                         tensors.append((key, full))
                 if owner == rank:
-                    mine = (file_name if file_name is not None else prefix + name, tensors)
+                    mine = (file_name if file_name is not None else prefix + name, tensors, set(keys) <= static)
             if mine is None or error is not None:
                 continue
-            name, tensors = mine
+            name, tensors, reusable = mine
             if pool is None:
                 try:
-                    records.append(write_weights_file(writer, name, tensors, spec.use_safetensors, extra_state=extra))
+                    records.append(
+                        write_weights_file(
+                            writer,
+                            name,
+                            tensors,
+                            spec.use_safetensors,
+                            extra_state=extra,
+                            metadata=metadata,
+                            reuse=reusable,
+                        )  # fmt: skip
+                    )
                 except Exception as exc:  # noqa: BLE001 (reported to every rank after the loop)
                     error = exc
             else:
                 pending.append(
-                    pool.submit(write_weights_file, writer, name, tensors, spec.use_safetensors, extra_state=extra)
+                    pool.submit(
+                        write_weights_file,
+                        writer,
+                        name,
+                        tensors,
+                        spec.use_safetensors,
+                        extra_state=extra,
+                        metadata=metadata,
+                        reuse=reusable,
+                    )  # fmt: skip
                 )
             del mine, tensors
         settle(0)
@@ -293,16 +333,19 @@ def _materialized(tensor) -> torch.Tensor:
     return full if full.device.type == "cpu" and full.is_contiguous() else full.detach().cpu().contiguous()
 
 
-def _safetensors_chunks(items: list[tuple[str, object]], metadata: dict[str, str]) -> Iterator[memoryview | bytes]:
+def _safetensors_chunks(items: list[tuple[str, object]], header: bytes) -> Iterator[memoryview | bytes]:
     """Header first (from dtypes and shapes alone), then each tensor's bytes; a deferred
-    tensor is read just before its bytes are written and released right after."""
-    entries = [(k, t.dtype, tuple(t.shape)) for k, t in items]
-    yield safetensors_format.build_header(entries, metadata)
+    tensor is read just before its bytes are written (piece by piece when it can be) and
+    released right after."""
+    yield header
     for _, tensor in items:
-        view = safetensors_format.tensor_bytes(_materialized(tensor))
-        if len(view):
-            yield view
-        del view
+        pieces = tensor.pieces() if isinstance(tensor, Deferred) and tensor.pieces is not None else None
+        for piece in pieces if pieces is not None else (_materialized(tensor),):
+            view = safetensors_format.tensor_bytes(piece)
+            del piece
+            if len(view):
+                yield view
+            del view
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
@@ -321,14 +364,24 @@ def write_weights_file(
     use_safetensors: bool,
     *,
     extra_state: str | None = None,
+    metadata: dict[str, str] | None = None,
+    reuse: bool = False,
 ):
     """One weights file from ``(key, tensor)`` pairs (CPU or not, possibly :class:`Deferred`),
-    with modules' non-tensor ``extra_state`` where the format keeps it."""
+    with modules' non-tensor ``extra_state`` where the format keeps it and, in a safetensors
+    file, ``metadata`` entries. With ``reuse`` (a file of static tensors), a safetensors file
+    whose bytes a checkpoint the writer may reuse already holds is linked from it
+    (:meth:`FileWriter.write_or_link`)."""
     if use_safetensors:
-        metadata = dict(SAFETENSORS_METADATA)
+        header_metadata = {**SAFETENSORS_METADATA, **(metadata or {})}
         if extra_state is not None:
-            metadata[extra_state_format.METADATA_KEY] = extra_state
-        return writer.write(name, _safetensors_chunks(items, metadata))
+            header_metadata[extra_state_format.METADATA_KEY] = extra_state
+        entries = [(k, t.dtype, tuple(t.shape)) for k, t in items]
+        header = safetensors_format.build_header(entries, header_metadata)
+        size = len(header) + sum(math.prod(shape) * dt.itemsize for _, dt, shape in entries)
+        if not reuse:
+            return writer.write(name, _safetensors_chunks(items, header))
+        return writer.write_or_link(name, size, lambda: _safetensors_chunks(items, header))
     tensors: dict[str, object] = {k: _compact(t) for k, t in items}  # torch.save needs every tensor at once
     if extra_state is not None:
         tensors.update(extra_state_format.from_text(extra_state, path=name))

@@ -3,6 +3,12 @@
 safetensors names dtypes with short codes (``F32``); our JSON metadata uses torch's own
 names (``float32``). Unknown names raise instead of falling back to a default, so a file
 from a newer writer is never read with the wrong element size.
+
+``F4`` is packed: torch's ``float4_e2m1fn_x2`` holds two 4-bit values per byte, and a
+safetensors header counts the 4-bit values, so the file's last dimension is twice torch's
+(the reference ``safetensors`` library writes and reads it so: torch ``[2, 3]`` is ``F4``
+``[2, 6]``). :func:`file_shape` and :func:`torch_shape` convert; every other code maps one
+torch element to one file element.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ _SAFETENSORS_CODES: dict[torch.dtype, str] = {
 for _name, _code in (
     ("float8_e4m3fn", "F8_E4M3"),
     ("float8_e5m2", "F8_E5M2"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+    ("float4_e2m1fn_x2", "F4"),
     ("uint16", "U16"),
     ("uint32", "U32"),
     ("uint64", "U64"),
@@ -35,6 +43,8 @@ for _name, _code in (
         _SAFETENSORS_CODES[getattr(torch, _name)] = _code
 
 _FROM_CODE = {code: dtype for dtype, code in _SAFETENSORS_CODES.items()}
+# codes whose file elements are smaller than a torch element: file elements per torch element
+_PACKED = {"F4": 2}
 
 
 def to_safetensors_code(dtype: torch.dtype, *, path=None) -> str:
@@ -53,6 +63,35 @@ def from_safetensors_code(code: str, *, path=None) -> torch.dtype:
         ) from None
 
 
+def file_shape(dtype: torch.dtype, shape: tuple[int, ...] | list[int], *, path=None) -> list[int]:
+    """The shape a safetensors header gives a torch tensor of ``dtype`` and ``shape``."""
+    per = _PACKED.get(_SAFETENSORS_CODES.get(dtype, ""), 1)
+    shape = [int(d) for d in shape]
+    if per == 1:
+        return shape
+    if not shape:
+        raise CheckpointFormatError(
+            f"a 0-dim {to_name(dtype)} tensor has no safetensors form: its code counts "
+            f"{per} values per element along the last dimension; reshape it to [1]",
+            path=path,
+        )
+    return [*shape[:-1], shape[-1] * per]
+
+
+def torch_shape(code: str, shape: list[int], *, path=None, name: str = "") -> tuple[int, ...]:
+    """The torch shape of a tensor that a safetensors header gives ``code`` and ``shape``."""
+    per = _PACKED.get(code, 1)
+    if per == 1:
+        return tuple(shape)
+    if not shape or shape[-1] % per:
+        raise CheckpointFormatError(
+            f"tensor {name!r}: {code} packs {per} values per byte, so its last dimension must be a "
+            f"multiple of {per}; the header gives shape {shape}",
+            path=path,
+        )
+    return (*shape[:-1], shape[-1] // per)
+
+
 def to_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"``, the name used in our JSON."""
     return str(dtype).removeprefix("torch.")
@@ -66,6 +105,7 @@ def from_name(name: str, *, path=None) -> torch.dtype:
 
 
 def element_size(dtype: torch.dtype) -> int:
+    """Bytes per torch element (``itemsize``: no tensor is made, headers of many tensors parse fast)."""
     return dtype.itemsize
 
 

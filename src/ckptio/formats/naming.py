@@ -16,6 +16,11 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 HF_CONFIG = "config.json"
 HF_GENERATION_CONFIG = "generation_config.json"
 MANIFEST = "ckptio_manifest.json"
+# peft's adapter folder (PeftModel.save_pretrained / from_pretrained): weights + config; an
+# adapter other than "default" sits in a subfolder named after it
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+ADAPTER_CONFIG = "adapter_config.json"
 # a training checkpoint, ColossalChat's layout: epoch-E_step-S/ with these inside
 TRAINING_MODEL_DIR = "modeling"
 TRAINING_OPTIMIZER_DIR = "optimizer"
@@ -36,6 +41,27 @@ COLOSSAL_OPTIM_GROUPS = "pytorch_optim_group.bin"
 # ... and what ColossalAI 0.5 writes with use_async=True: safetensors shards `optimizer-00001.safetensors`
 # (flat keys, see formats/colossal_optim.py) under this index, with the same group file
 COLOSSAL_OPTIM_SAFE_INDEX = "optimizer.safetensors.index.json"
+# torch.distributed.checkpoint (DCP): a folder of `__<rank>_<n>.distcp` data files and the pickled
+# `.metadata` that maps every tensor's chunks to them; torchtitan keeps one per `step-<N>/` folder
+DCP_METADATA = ".metadata"
+DCP_DATA_SUFFIX = ".distcp"
+_TORCHTITAN_STEP_RE = re.compile(r"^step-(\d+)$")
+
+# Training folders written by other tools (loaded by ckptio.training.load_checkpoint).
+# transformers.Trainer's `checkpoint-N/`: the model as save_pretrained writes it, and these
+HF_TRAINER_STATE = "trainer_state.json"
+HF_TRAINER_OPTIMIZER = "optimizer.pt"
+HF_TRAINER_SCHEDULER = "scheduler.pt"
+HF_TRAINER_RNG = "rng_state.pth"  # one process; `rng_state_<process index>.pth` on several
+# accelerate's `Accelerator.save_state(dir)` (accelerate/utils/constants.py): the first model, optimizer and
+# scheduler are `model.safetensors` / `pytorch_model.bin`, `optimizer.bin`, `scheduler.bin` (the i-th: `_i`
+# before the extension), and every process writes `random_states_<process index>.pkl` (a torch.save file)
+ACCELERATE_OPTIMIZER = "optimizer.bin"
+ACCELERATE_SCHEDULER = "scheduler.bin"
+# ckptio.integrations.lightning: a Lightning checkpoint as a folder (the model's weights under the names above)
+LIGHTNING_DOCUMENT = "lightning_checkpoint.json"  # everything but tensors, as tagged JSON
+LIGHTNING_STATE_WEIGHTS = "state.safetensors"  # the other tensors: state-00001-of-0000N.safetensors
+LIGHTNING_STATE_INDEX = "state.safetensors.index.json"
 
 # Temporaries are hidden siblings: `.NAME.ckptio-tmp-TOKEN` (being written),
 # `.NAME.ckptio-old-TOKEN` (a replaced checkpoint, deleted right after the commit; put back by
@@ -162,6 +188,37 @@ def rng_file_name(rank: int) -> str:
     return f"{RNG_DIR}/rank_{rank:05d}.json"
 
 
+_HF_RNG_RE = re.compile(r"^rng_state(?:_(\d+))?\.pth$")
+_ACCELERATE_RNG_RE = re.compile(r"^random_states_(\d+)\.pkl$")
+# transformers.Trainer names its checkpoints `checkpoint-<global step>`; accelerate's automatic naming
+# (ProjectConfiguration(automatic_checkpoint_naming=True)) `checkpoints/checkpoint_<save count>`
+_FOREIGN_CHECKPOINT_RE = re.compile(r"^checkpoint[-_](\d+)$")
+
+
+def hf_rng_file_name(process_index: int | None) -> str:
+    """transformers.Trainer's RNG file: ``rng_state.pth`` (one process, None) or ``rng_state_<i>.pth``."""
+    return HF_TRAINER_RNG if process_index is None else f"rng_state_{process_index}.pth"
+
+
+def accelerate_rng_file_name(process_index: int) -> str:
+    """accelerate's per-process RNG file: ``random_states_<i>.pkl``."""
+    return f"random_states_{process_index}.pkl"
+
+
+def is_hf_rng_file(name: str) -> bool:
+    return _HF_RNG_RE.match(name) is not None
+
+
+def is_accelerate_rng_file(name: str) -> bool:
+    return _ACCELERATE_RNG_RE.match(name) is not None
+
+
+def parse_foreign_checkpoint_name(name: str) -> int | None:
+    """The number of a ``checkpoint-N`` (transformers.Trainer) or ``checkpoint_N`` (accelerate) folder, or None."""
+    match = _FOREIGN_CHECKPOINT_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
 _CHECKPOINT_NAME_RE = re.compile(r"^epoch-(\d+)_step-(\d+)$")
 
 
@@ -203,3 +260,9 @@ def optimizer_files_pattern(prefix: str | None) -> re.Pattern[str]:
 
 def is_temporary(name: str) -> bool:
     return TMP_MARK in name or OLD_MARK in name or DELETE_MARK in name
+
+
+def parse_torchtitan_step(name: str) -> int | None:
+    """The step of a torchtitan checkpoint folder name (``step-1000`` -> 1000), else None."""
+    m = _TORCHTITAN_STEP_RE.match(name)
+    return int(m.group(1)) if m else None

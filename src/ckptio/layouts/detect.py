@@ -10,25 +10,36 @@
   shards), one ``torch.save`` file, or one safetensors file in ColossalAI's flat layout
   (``param_groups`` and ``state.<id>.<name>`` keys; layout ``"safetensors"``);
 * ``lr_scheduler``: a scheduler file (a ``torch.save`` file, or the JSON of earlier ckptio versions);
-* ``training``: an ``epoch-E_step-S`` folder (``running_states.json`` inside);
+* ``training``: an ``epoch-E_step-S`` folder (``running_states.json`` inside; layout
+  ``training``), and, asked for this kind, the training folders of other tools: a
+  ``transformers.Trainer`` ``checkpoint-N/`` (``trainer_state.json``; layout ``hf-trainer``) or
+  an ``accelerate`` ``save_state`` folder (``random_states_<i>.pkl``; layout ``accelerate``).
+  Without a kind those two are what they also are: a model folder;
+* a folder written by ``torch.distributed.checkpoint.save`` (``.metadata`` + ``*.distcp``, e.g. a
+  torchtitan ``step-N`` folder), layout ``"dcp"``: ``model`` when it holds model tensors, else
+  ``optimizer`` (:mod:`ckptio.layouts.dcp` says which entries are which);
 * ``runs``: a folder of training checkpoints, as ``CheckpointManager`` keeps them.
 
 Asked for a kind (``detect(path, "model")``), it finds that kind inside whatever the path is
 (the model of a training checkpoint, the model index of a folder that also holds an
-optimizer). A folder left renamed aside by a crash is put back first.
+optimizer). A folder left renamed aside by a crash is put back first. Given a file or folder
+of another kind that it recognises (:func:`identify`: from the first bytes, then the JSON keys
+or the ``torch.save`` content), it says what it is instead ("this is an LR scheduler file
+(ckptio JSON), not an optimizer checkpoint"), rather than letting a parser fail on bytes
+that were never its format.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptio.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError
-from ckptio.formats import naming, safetensors_format
-from ckptio.formats.hf_index import ShardIndex, read_index
+from ckptio.formats import dcp, naming, safetensors_format, sniff
+from ckptio.formats.hf_index import ShardIndex, read_index, read_json_file
+from ckptio.layouts import dcp as dcp_layout
 from ckptio.storage import atomic
 
 KINDS = ("model", "optimizer", "lr_scheduler", "training", "runs")
@@ -81,6 +92,8 @@ def detect(path: str | os.PathLike, kind: str | None = None) -> Located:
     _restore(path)
     if not path.exists():
         raise CheckpointNotFoundError("checkpoint does not exist", path=path)
+    if path.name == naming.DCP_METADATA and path.is_file():
+        path = path.parent  # a DCP checkpoint is its folder
     if kind == "model":
         return _model(path)
     if kind == "optimizer":
@@ -88,7 +101,7 @@ def detect(path: str | os.PathLike, kind: str | None = None) -> Located:
     if kind == "lr_scheduler":
         if not path.is_file():
             raise CheckpointFormatError("expected an LR scheduler file, found a folder", path=path)
-        return _file(path, "lr_scheduler", _scheduler_layout(path))
+        return _scheduler_file(path)
     if kind == "training":
         return _training(path)
     if kind == "runs":
@@ -103,9 +116,19 @@ def _any(path: Path) -> Located:
             return _training(path)
         if any(naming.parse_checkpoint_name(n) is not None and (path / n).is_dir() for n in entries):
             return _runs(path)
+        if naming.DCP_METADATA in entries:
+            return _dcp(path)
         if not any(naming.is_model_index(n) for n in entries) and _optimizer_indexes(entries):
             return _optimizer(path)
-        return _model(path)
+        if _holds_a_model(entries):
+            return _model(path)
+        raise CheckpointNotFoundError(
+            "no checkpoint here: expected a model (an index JSON, "
+            f"{naming.SAFETENSORS_WEIGHTS} or {naming.BIN_WEIGHTS}), an optimizer ({naming.OPTIMIZER_INDEX} or "
+            f"{naming.COLOSSAL_OPTIM_INDEX}), a training checkpoint ({naming.RUNNING_STATES}) or a folder of "
+            "training checkpoints (epoch-E_step-S)",
+            path=path,
+        )
     name = path.name
     if naming.is_optimizer_index(name) or naming.is_colossal_optimizer_index(name):
         return _optimizer(path)
@@ -113,11 +136,11 @@ def _any(path: Path) -> Located:
         return _optimizer(path) if _is_flat_optimizer(path) else _model(path)
     if naming.is_index_file(name):
         return _model(path)
-    sniffed = _sniff_file(path)
-    if sniffed == "optimizer":
+    found, _ = identify(path)
+    if found == "optimizer":
         return _optimizer(path)
-    if sniffed == "lr_scheduler":
-        return _file(path, "lr_scheduler", _scheduler_layout(path))
+    if found == "lr_scheduler":
+        return _scheduler_file(path)
     return _model(path)
 
 
@@ -148,8 +171,15 @@ def _model(path: Path) -> Located:
     if path.is_file():
         if naming.is_index_file(path.name):
             return _sharded(path, "model", "sharded")
+        if sniff.file_format(path) in (sniff.JSON, sniff.TEXT):
+            found, _ = identify(path)
+            if found == "model":  # a model index under another name
+                return _sharded(path, "model", "sharded")
+            raise wrong_kind(path, "model")
         return _file(path, "model", "single")
     entries = _entries(path)
+    if naming.DCP_METADATA in entries:
+        return _dcp(path, "model")
     indexes = [n for n in entries if naming.is_model_index(n)]
     if indexes:
         return _sharded(path / _pick_model_index(path, indexes), "model", "sharded")
@@ -160,8 +190,10 @@ def _model(path: Path) -> Located:
         return _model(path / naming.TRAINING_MODEL_DIR)  # a training checkpoint: its model part
     raise CheckpointNotFoundError(
         "no model checkpoint in this folder: expected an index JSON "
-        f"({naming.SAFETENSORS_INDEX} or {naming.BIN_INDEX}), {naming.SAFETENSORS_WEIGHTS} "
-        f"or {naming.BIN_WEIGHTS}",
+        f"({naming.SAFETENSORS_INDEX} or {naming.BIN_INDEX}), {naming.SAFETENSORS_WEIGHTS}, "
+        f"{naming.BIN_WEIGHTS} or a DCP {naming.DCP_METADATA}"
+        + _step_folders_hint(path, entries)
+        + _holds_instead(entries, "model"),
         path=path,
     )
 
@@ -178,10 +210,18 @@ def _optimizer(path: Path) -> Located:
             return _sharded(path, "optimizer", "ckptio")
         if naming.is_colossal_optimizer_index(path.name):
             return _colossal(path)
-        if safetensors_format.is_safetensors_file(path):
+        form = sniff.file_format(path)
+        if form == sniff.SAFETENSORS and _is_flat_optimizer(path):
             return _file(path, "optimizer", "safetensors")
+        if form in (sniff.JSON, sniff.TEXT, sniff.SAFETENSORS):
+            found, what = identify(path)
+            if found == "optimizer":  # an optimizer index under another name
+                return _colossal(path) if "ColossalAI" in what else _sharded(path, "optimizer", "ckptio")
+            raise wrong_kind(path, "optimizer")
         return _file(path, "optimizer", "torch")
     entries = _entries(path)
+    if naming.DCP_METADATA in entries:
+        return _dcp(path, "optimizer")
     found = _optimizer_indexes(entries)
     if not found and naming.RUNNING_STATES in entries and naming.TRAINING_OPTIMIZER_DIR in entries:
         return _optimizer(path / naming.TRAINING_OPTIMIZER_DIR)
@@ -191,7 +231,9 @@ def _optimizer(path: Path) -> Located:
     if not found:
         raise CheckpointNotFoundError(
             f"no optimizer checkpoint in this folder: expected {naming.OPTIMIZER_INDEX}, "
-            f"{naming.COLOSSAL_OPTIM_INDEX} or {naming.COLOSSAL_OPTIM_SAFE_INDEX}",
+            f"{naming.COLOSSAL_OPTIM_INDEX}, {naming.COLOSSAL_OPTIM_SAFE_INDEX} or a DCP {naming.DCP_METADATA}"
+            + _step_folders_hint(path, entries)
+            + _holds_instead(entries, "optimizer"),
             path=path,
         )
     raise CheckpointFormatError(
@@ -210,15 +252,50 @@ def _colossal(index_path: Path) -> Located:
     return located
 
 
+# ----------------------------------------------------------------------------- torch.distributed.checkpoint
+def _dcp(folder: Path, kind: str | None = None) -> Located:
+    meta = dcp.read_metadata(folder / naming.DCP_METADATA)
+    found = dcp_layout.kind_of(meta)
+    wanted = kind or found
+    if wanted is None or (wanted == "model" and found != "model"):
+        raise CheckpointNotFoundError(
+            f"DCP checkpoint holds no model tensors{' and no optimizer' if found is None else ''} "
+            f"(keys: {', '.join(list(meta.tensors)[:5]) or 'none'}...); see ckptio.layouts.dcp for what is read",
+            path=folder,
+        )
+    if wanted == "optimizer" and dcp_layout.optimizer_part(meta) is None:
+        raise CheckpointNotFoundError("DCP checkpoint holds no optimizer state (no param_groups)", path=folder)
+    return Located(wanted, "dcp", folder, naming.DCP_METADATA, (naming.DCP_METADATA, *meta.files))
+
+
+def _step_folders_hint(path: Path, entries: list[str]) -> str:
+    """torchtitan keeps each checkpoint in ``step-N/``: name the newest to pass instead of their parent."""
+    steps = [n for n in entries if naming.parse_torchtitan_step(n) is not None and (path / n).is_dir()]
+    steps = [n for n in steps if (path / n / naming.DCP_METADATA).is_file()]
+    if not steps:
+        return ""
+    steps.sort(key=naming.parse_torchtitan_step)
+    return f"; it holds torchtitan checkpoints ({', '.join(steps)}): pass one of them, e.g. {path / steps[-1]}"
+
+
 # ----------------------------------------------------------------------------- training
 def _training(path: Path) -> Located:
-    if not path.is_dir() or not (path / naming.RUNNING_STATES).is_file():
+    entries = _entries(path) if path.is_dir() else []
+    if naming.RUNNING_STATES in entries:
+        layout, entry = "training", naming.RUNNING_STATES
+    elif naming.HF_TRAINER_STATE in entries:
+        layout, entry = "hf-trainer", naming.HF_TRAINER_STATE
+    elif any(naming.is_accelerate_rng_file(n) for n in entries):
+        layout, entry = "accelerate", None
+    else:
         raise CheckpointNotFoundError(
-            f"{naming.RUNNING_STATES} is missing: not a complete training checkpoint (pass the epoch-E_step-S folder)",
+            f"{naming.RUNNING_STATES} is missing: not a complete training checkpoint (pass the epoch-E_step-S "
+            f"folder; a transformers.Trainer checkpoint-N folder has {naming.HF_TRAINER_STATE}, an accelerate "
+            f"save_state folder {naming.accelerate_rng_file_name(0)})",
             path=path,
         )
     files = tuple(sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()))
-    return Located("training", "training", path, naming.RUNNING_STATES, files)
+    return Located("training", layout, path, entry, files)
 
 
 def training_checkpoints_in(path: str | os.PathLike) -> list[Path]:
@@ -237,11 +314,13 @@ def _runs(path: Path) -> Located:
     return Located("runs", "runs", path, None, tuple(p.name for p in found))
 
 
-# ----------------------------------------------------------------------------- single files
-def _scheduler_layout(path: Path) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(64).lstrip()
-    return "json" if head.startswith(b"{") else "torch"
+# ----------------------------------------------------------------------------- what a file is
+_WANTED = {
+    "model": ("model weights", "booster.load_model"),
+    "optimizer": ("an optimizer checkpoint", "booster.load_optimizer"),
+    "lr_scheduler": ("an LR scheduler file", "booster.load_lr_scheduler"),
+    "training": ("a training checkpoint", "ckptio.training.load_checkpoint"),
+}
 
 
 def _is_flat_optimizer(path: Path) -> bool:
@@ -254,29 +333,119 @@ def _is_flat_optimizer(path: Path) -> bool:
         return False  # the model reader then reports what is wrong with the file
 
 
-def _sniff_file(path: Path) -> str:
-    """For the CLI only: which kind a lone ``torch.save`` / JSON file is, from its top-level keys."""
+def wrong_kind(
+    path: str | os.PathLike, wanted: str, found: tuple[str | None, str] | None = None
+) -> CheckpointFormatError:
+    """The error for a file given where a checkpoint of kind ``wanted`` was expected: what the
+    file is (``found``: ``(kind, what)``, else :func:`identify`), and which call loads it."""
+    found, described = identify(path) if found is None else found
+    expected, _ = _WANTED[wanted]
+    message = f"this is {described}, not {expected}"
+    if found in _WANTED and found != wanted:
+        message += f" (load it with {_WANTED[found][1]})"
+    return CheckpointFormatError(message, path=path)
+
+
+def identify(path: str | os.PathLike) -> tuple[str | None, str]:
+    """``(kind, what)`` of one file: the kind of checkpoint it is (one of :data:`KINDS`, or
+    None) and a phrase naming it ("an LR scheduler file (ckptio JSON)", "a text file").
+
+    Reads the head of the file; a JSON file whole (up to the index limit); a ``torch.save``
+    file memory-mapped with ``weights_only=True``. Never raises for a readable file.
+    """
+    path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(64).lstrip()
-    except OSError:
-        return "model"
-    if head.startswith(b"{"):
-        with contextlib.suppress(OSError, ValueError):
-            with open(path, "rb") as fh:
-                body = json.loads(fh.read(1024 * 1024))
-            if isinstance(body, dict) and body.get("format") == "ckptio-lr-scheduler":
-                return "lr_scheduler"
-        return "model"
+        form = sniff.file_format(path)
+    except OSError as exc:
+        return None, f"an unreadable file ({exc.strerror or exc})"
+    if form == sniff.SAFETENSORS:
+        if _is_flat_optimizer(path):
+            return "optimizer", "an optimizer file in ColossalAI's flat safetensors layout"
+        return "model", "a safetensors weights file"
+    if form == sniff.JSON:
+        return _identify_json(path)
+    if form == sniff.TORCH:
+        return _identify_torch(path)
+    return None, {sniff.TEXT: "a text file", sniff.EMPTY: "an empty file"}.get(form, "a file of unknown format")
+
+
+def _identify_json(path: Path) -> tuple[str | None, str]:
+    try:
+        body = read_json_file(path, what="JSON file")
+    except CheckpointError:
+        return None, "a JSON file that does not parse"
+    if not isinstance(body, dict):
+        return None, "a JSON file"
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    fmt = body.get("format")
+    if fmt == "ckptio-lr-scheduler":
+        return "lr_scheduler", "an LR scheduler file (ckptio JSON)"
+    if isinstance(body.get("weight_map"), dict):
+        if "optimizer" in body or metadata.get("format") == "ckptio-optimizer":
+            return "optimizer", "ckptio's optimizer index (JSON)"
+        if "param_groups" in metadata:
+            return "optimizer", "ColossalAI's optimizer index (JSON)"
+        return "model", "a model index (JSON)"
+    if fmt == "ckptio-manifest":
+        return None, f"a checkpoint's manifest ({naming.MANIFEST})"
+    if fmt == "ckptio-commit":
+        return None, f"a commit marker ({naming.COMMIT_MARKER})"
+    if fmt == "ckptio-rng":
+        return None, "a rank's RNG state (ckptio JSON)"
+    if {"epoch", "step", "sample_start_index"} <= body.keys():
+        return None, f"the {naming.RUNNING_STATES} of a training checkpoint"
+    if "model_type" in body or "architectures" in body:
+        return None, f"a Hugging Face model config ({naming.HF_CONFIG})"
+    return None, "a JSON file"
+
+
+def _identify_torch(path: Path) -> tuple[str | None, str]:
     from ckptio.formats import torch_format
 
     try:
         obj = torch_format.load(path, mmap=True)
-    except Exception:  # noqa: BLE001 (the model reader then reports what is wrong with the file)
-        return "model"
-    if isinstance(obj, dict) and "state" in obj and "param_groups" in obj:
-        return "optimizer"
-    no_tensors = isinstance(obj, dict) and obj and not any(hasattr(v, "shape") for v in obj.values())
-    if no_tensors and {"last_epoch", "_last_lr"} & set(obj):  # every torch scheduler has one of them
-        return "lr_scheduler"
-    return "model"
+    except CheckpointError as exc:
+        if "weights_only" in str(exc):
+            return None, "a torch.save file that runs code when loaded"
+        return None, "a torch.save file that does not load"
+    kind, what = torch_kind(obj)
+    return kind, what or "a torch.save file"
+
+
+def torch_kind(obj) -> tuple[str | None, str | None]:
+    """``(kind, what)`` of a loaded ``torch.save`` object, ``(None, None)`` when not recognised."""
+    from ckptio.formats import torch_format
+
+    what = torch_format.describe(obj)
+    if what is None:
+        return None, None
+    return ("optimizer" if "optimizer" in what else "lr_scheduler" if "scheduler" in what else "model"), what
+
+
+def _holds_a_model(entries: list[str]) -> bool:
+    return (
+        any(naming.is_model_index(n) for n in entries)
+        or naming.SAFETENSORS_WEIGHTS in entries
+        or naming.BIN_WEIGHTS in entries
+    )
+
+
+def _holds_instead(entries: list[str], wanted: str) -> str:
+    """``"; it holds ..."`` for a folder that holds a checkpoint of another kind, else ``""``."""
+    if wanted != "optimizer" and _optimizer_indexes(entries):
+        return "; it holds an optimizer checkpoint (load it with booster.load_optimizer)"
+    if wanted != "model" and _holds_a_model(entries):
+        return "; it holds a model checkpoint (load it with booster.load_model)"
+    if any(naming.parse_checkpoint_name(n) is not None for n in entries):
+        return "; it holds training checkpoints (epoch-E_step-S folders): pass one of them"
+    return ""
+
+
+def _scheduler_file(path: Path) -> Located:
+    form = sniff.file_format(path)
+    if form == sniff.TORCH:
+        return _file(path, "lr_scheduler", "torch")
+    found, _ = identify(path)
+    if found != "lr_scheduler":
+        raise wrong_kind(path, "lr_scheduler")
+    return _file(path, "lr_scheduler", "json")

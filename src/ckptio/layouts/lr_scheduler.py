@@ -25,6 +25,7 @@ import torch
 from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError, StateMismatchError
 from ckptio.formats import tagged_json, torch_format
 from ckptio.formats.hf_index import read_json_file
+from ckptio.layouts.detect import detect, torch_kind, wrong_kind
 
 FORMAT = "ckptio-lr-scheduler"  # the JSON files of earlier versions (read only)
 FORMAT_VERSION = 1
@@ -52,20 +53,16 @@ def scheduler_file_bytes(state: dict[str, Any], *, path: str | os.PathLike | Non
 def read_lr_scheduler_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The saved ``state_dict()``, from any ``torch.save`` file or the JSON of earlier versions."""
     path = os.fspath(checkpoint)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(64).lstrip()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("LR scheduler file does not exist", path=path) from None
-    except IsADirectoryError:
-        raise CheckpointFormatError("expected an LR scheduler file, found a folder", path=path) from None
-    if head.startswith(b"{"):
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError("LR scheduler file does not exist", path=path)
+    located = detect(path, "lr_scheduler")  # a file of another kind is named as what it is
+    if located.layout == "json":
         data = read_json_file(path, what="LR scheduler file")
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("state"), dict):
-            raise CheckpointFormatError(f"not a ckptio LR scheduler file (format {FORMAT!r} expected)", path=path)
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise CheckpointFormatError(f"LR scheduler format_version {version!r} is not supported", path=path)
+        if not isinstance(data.get("state"), dict):
+            raise CheckpointFormatError("LR scheduler file has no 'state' object", path=path)
         try:
             return tagged_json.decode(data["state"])
         except ValueError as exc:
@@ -94,6 +91,9 @@ def prepare_lr_scheduler_load(lr_scheduler: Any, checkpoint: str | os.PathLike) 
     expected = {k for k in lr_scheduler.state_dict() if not k.startswith("_")}
     missing = sorted(expected - set(state))
     if missing and not expected & set(state):
+        found = torch_kind(state)
+        if found[0] not in (None, "lr_scheduler"):
+            raise wrong_kind(checkpoint, "lr_scheduler", found)
         raise CheckpointFormatError(
             f"not an LR scheduler state: it has none of {type(lr_scheduler).__name__}'s settings {sorted(expected)}",
             path=checkpoint,

@@ -20,6 +20,7 @@ from typing import Any
 from ckptio.engine.plan import FilePlan
 from ckptio.engine.write import WriteSpec
 from ckptio.formats import extra_state as extra_state_format
+from ckptio.formats import frozen as frozen_format
 from ckptio.formats import naming
 from ckptio.formats.hf_index import index_json
 
@@ -33,6 +34,9 @@ class ModelSaveOptions:
     prefix: str | None = None
     max_shard_bytes: int = 1024 * MiB
     use_safetensors: bool = False
+    #: write only the parameters that train; the frozen ones are named in the index or the file
+    #: (:mod:`ckptio.formats.frozen`) and come back from the base weights at load time
+    only_trainable: bool = False
 
     @property
     def weights_name(self) -> str:
@@ -43,15 +47,31 @@ class ModelSaveOptions:
         return naming.index_name(self.use_safetensors, self.prefix)
 
     def write_spec(
-        self, checkpoint: str | os.PathLike | None = None, extra_state: dict[str, Any] | None = None
+        self,
+        checkpoint: str | os.PathLike | None = None,
+        extra_state: dict[str, Any] | None = None,
+        frozen: list[str] | None = None,
     ) -> WriteSpec:
         """How the engine writes the weights; a one-file save takes its format from the path's suffix
-        and holds ``extra_state`` (encoded by :func:`ckptio.formats.extra_state.encode`) itself."""
+        and holds ``extra_state`` (encoded by :func:`ckptio.formats.extra_state.encode`) and, when
+        ``only_trainable``, the ``frozen`` keys it leaves out itself."""
         use_safetensors = self.use_safetensors
         if not self.shard and checkpoint is not None:
             use_safetensors = single_file_is_safetensors(checkpoint, self)
         text = extra_state_format.to_text(extra_state) if extra_state and not self.shard else None
-        return WriteSpec(self.weights_name, self.max_shard_bytes, self.shard, use_safetensors, extra_state=text)
+        metadata: tuple[tuple[str, str], ...] = ()
+        if self.only_trainable and not self.shard:
+            if not use_safetensors:
+                raise ValueError(
+                    f"only_trainable=True with a one-file torch save ({os.fspath(checkpoint or self.weights_name)}): "
+                    "a torch file has no room to record the frozen parameters it leaves out, so a strict load "
+                    "could not tell them from missing ones; save to a .safetensors path or with shard=True"
+                )
+            metadata = ((frozen_format.METADATA_KEY, frozen_format.to_text(frozen or [])),)
+        return WriteSpec(
+            self.weights_name, self.max_shard_bytes, self.shard, use_safetensors, extra_state=text,
+            file_metadata=metadata,
+        )  # fmt: skip
 
 
 def single_file_is_safetensors(checkpoint: str | os.PathLike, opts: ModelSaveOptions) -> bool:
@@ -64,10 +84,14 @@ def single_file_is_safetensors(checkpoint: str | os.PathLike, opts: ModelSaveOpt
 
 
 def model_metadata(
-    opts: ModelSaveOptions, extra_files: dict[str, bytes] | None, extra_state: dict[str, Any] | None = None
+    opts: ModelSaveOptions,
+    extra_files: dict[str, bytes] | None,
+    extra_state: dict[str, Any] | None = None,
+    frozen: list[str] | None = None,
 ) -> Callable[[FilePlan], dict]:
     """What the master writes after the shards: the index (sharded saves; with the encoded
-    ``extra_state``) and ``extra_files`` (``config.json`` ...), as ``{name: bytes}`` for a plan."""
+    ``extra_state`` and, for ``only_trainable``, the ``frozen`` keys left out) and
+    ``extra_files`` (``config.json`` ...), as ``{name: bytes}`` for a plan."""
 
     def files(plan: FilePlan) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
@@ -75,6 +99,8 @@ def model_metadata(
             metadata: dict[str, Any] = {"format": "ckptio", "format_version": 1}
             if extra_state:
                 metadata[extra_state_format.INDEX_KEY] = extra_state
+            if opts.only_trainable:
+                metadata.update(frozen_format.index_entries(frozen or []))
             out[opts.index_name] = index_json(plan.weight_map, plan.total_size, metadata)
         out.update(extra_files or {})
         return out

@@ -28,7 +28,7 @@ from ckptio.engine.split import split_greedy
 from ckptio.engine.write import WriteSpec
 from ckptio.formats import colossal_optim, naming, torch_format
 from ckptio.formats.hf_index import read_json_file
-from ckptio.layouts.detect import Located
+from ckptio.layouts.detect import Located, torch_kind, wrong_kind
 from ckptio.state import optimizer as ostate
 from ckptio.storage.verify import check_against_manifest
 
@@ -73,7 +73,7 @@ def index_bytes(plan: FilePlan, description: dict[str, Any]) -> bytes:
         "weight_map": plan.weight_map or {},
         "optimizer": description,
     }
-    return (json.dumps(body, indent=1) + "\n").encode("utf-8")
+    return (json.dumps(body, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
 
 def index_metadata(description: dict[str, Any], prefix: str | None):
@@ -106,7 +106,11 @@ def read_saved(located: Located, *, verify: bool = False) -> tuple[ostate.SavedO
     check_against_manifest(located.folder, located.files, checksums=verify)
     path = located.entry_path
     if located.layout == "torch":
-        return ostate.saved_from_state_dict(torch_format.load(path), path=str(path)), None
+        state_dict = torch_format.load(path)
+        found = torch_kind(state_dict)
+        if found[0] not in (None, "optimizer"):
+            raise wrong_kind(path, "optimizer", found)
+        return ostate.saved_from_state_dict(state_dict, path=str(path)), None
     if located.layout == "safetensors":
         return ostate.saved_from_state_dict(colossal_optim.read_flat_file(path), path=str(path)), None
     if located.layout == "colossalai":

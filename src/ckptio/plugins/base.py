@@ -28,18 +28,41 @@ class Plugin(ABC):
     @abstractmethod
     def configure(
         self, model: nn.Module, optimizer: Any, criterion: Any, dataloader: Any, lr_scheduler: Any
-    ) -> tuple[nn.Module, Any, Any, Any, Any]: ...
+    ) -> tuple[nn.Module, Any, Any, Any, Any]:
+        """Wrap or shard the training objects for this layout (``Booster.boost`` calls it).
+
+        Args:
+            model: the model, unwrapped (an already wrapped one is returned as it is).
+            optimizer: its optimizer, built on the unwrapped model; rebound by name when the
+                parameters are replaced.
+            criterion: returned unchanged.
+            dataloader: returned unchanged.
+            lr_scheduler: returned unchanged.
+
+        Returns:
+            ``(model, optimizer, criterion, dataloader, lr_scheduler)``.
+        """
 
     @abstractmethod
-    def get_checkpoint_io(self) -> CheckpointIO: ...
+    def get_checkpoint_io(self) -> CheckpointIO:
+        """The CheckpointIO that saves and loads this layout (collective over its ranks)."""
 
     def backward(self, loss, optimizer) -> None:
+        """Backpropagate ``loss`` (``loss.backward()``: DDP and FSDP2 reduce gradients in hooks).
+
+        Args:
+            loss: the scalar loss tensor.
+            optimizer: the boosted optimizer (unused here; a layout may need it).
+        """
         loss.backward()
 
     def no_sync(self, model: nn.Module, optimizer: Any = None) -> AbstractContextManager[None]:
         """Gradient accumulation without communication (see :func:`ckptio.plugins.precision.no_sync`).
 
-        ``optimizer`` is accepted for ColossalAI's signature; the model's wrapper is what syncs."""
+        Args:
+            model: the boosted model whose gradients are not synchronised inside the context.
+            optimizer: accepted for ColossalAI's signature; the model's wrapper is what syncs.
+        """
         from ckptio.plugins.precision import no_sync
 
         return no_sync(model)

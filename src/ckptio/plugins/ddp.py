@@ -21,6 +21,10 @@ class TorchDDPPlugin(Plugin):
     ``ddp_kwargs`` go to ``DistributedDataParallel`` unchanged (``find_unused_parameters``,
     ``bucket_cap_mb``, ...). The process group is the user's when initialised, else one is
     made from ``torchrun``'s environment (gloo on CPU, NCCL on CUDA).
+
+    Args:
+        group: the process group to replicate over (None: the default group).
+        ddp_kwargs: passed to ``DistributedDataParallel`` unchanged.
     """
 
     def __init__(self, group: Any = None, **ddp_kwargs: Any) -> None:

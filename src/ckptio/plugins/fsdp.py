@@ -88,7 +88,11 @@ class TorchFSDPPlugin(Plugin):
         self._io = DistributedCheckpointIO(self.group)
 
     def shard_model(self, model: nn.Module) -> nn.Module:
-        """Apply ``fully_shard`` to the chosen submodules, then to the root."""
+        """Apply ``fully_shard`` to the chosen submodules, then to the root.
+
+        Args:
+            model: the model on this rank's device; sharded in place and returned.
+        """
         from torch.distributed.fsdp import fully_shard
 
         if self.shard_fn is not None:

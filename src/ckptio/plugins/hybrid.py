@@ -222,7 +222,8 @@ class HybridParallelPlugin(Plugin):
             updates); 1 and 2 keep parameters whole from forward to backward
             (``reshard_after_forward=False``: one all-gather per step, as ZeRO-1/2), 0 reshards
             after forward.
-        max_norm, norm_type: clip the gradient norm in ``optimizer.step()`` (0: no clipping).
+        max_norm: clip the gradient norm to this in ``optimizer.step()`` (0: no clipping).
+        norm_type: the norm clipped (2: Euclidean; ``inf``: the largest value).
 
     ``boost()`` accepts the model and optimizer as built for one process; the optimizer is
     rebound by parameter name to the sharded parameters, keeping every group's settings.
@@ -292,7 +293,11 @@ class HybridParallelPlugin(Plugin):
         }
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """Apply the tensor-parallel plan on ``tp``, then ``fully_shard`` on ``dp``."""
+        """Apply the tensor-parallel plan on ``tp``, then ``fully_shard`` on ``dp``.
+
+        Args:
+            model: the model on this rank's device; parallelized in place and returned.
+        """
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor.parallel import parallelize_module
 

@@ -107,15 +107,33 @@ def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def model_state_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def frozen_keys(model: nn.Module) -> list[str]:
+    """The keys of the parameters that do not train (``requires_grad=False``), every name of a
+    tied one included, in state order. Buffers are never among them: a buffer has no
+    ``requires_grad`` to say it is fixed, and many change without a gradient (BatchNorm's
+    running statistics, step counters), so they count as trained state."""
+    return _frozen(_split_state(model)[0])
+
+
+def _frozen(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if isinstance(v, nn.Parameter) and not v.requires_grad]
+
+
+def model_state_to_save(
+    model: nn.Module, *, only_trainable: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors to write (the live ones, detached, on their device, in any layout, tied
     duplicates dropped, then the extra states that are tensors) and the extra states that are not.
+    ``only_trainable`` leaves out the frozen parameters (:func:`frozen_keys`).
 
     Nothing is copied here: the engine moves each tensor to the CPU when its file is written,
     and an async save copies it once into reused staging buffers.
     """
     state, extra = _split_state(model)
     aliases = tied_aliases(state)
+    if only_trainable:
+        frozen = set(_frozen(state))
+        state = {k: v for k, v in state.items() if k not in frozen}
     tensors = {k: v.detach() for k, v in state.items() if k not in aliases}
     tensors.update({k: v.detach() for k, v in extra.items() if isinstance(v, torch.Tensor)})
     return tensors, {k: v for k, v in extra.items() if not isinstance(v, torch.Tensor)}

@@ -269,8 +269,7 @@ def saved_from_description(desc: Any, *, path: str | None = None) -> SavedOptimi
             if not isinstance(entries, dict):
                 raise CheckpointFormatError(f"state of {pname!r} must be an object", path=path)
             parsed_state[pname] = {
-                s: tagged_json.decode(v, lambda body: TensorRef.from_json(body, path=path))
-                for s, v in entries.items()
+                s: tagged_json.decode(v, lambda body: TensorRef.from_json(body, path=path)) for s, v in entries.items()
             }
     except ValueError as exc:
         if isinstance(exc, CheckpointFormatError):

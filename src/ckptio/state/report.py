@@ -50,7 +50,17 @@ class LoadReport:
     ``missing_keys`` (model tensors nothing loaded), ``unexpected_keys`` (checkpoint tensors no
     model tensor takes) and ``mismatched`` (shapes, or dtypes that are not cast) make a load
     not ``ok``; ``cast`` (tensors converted to the model's dtype) and ``dropped_keys``
-    (checkpoint keys a ``key_map`` dropped) are what a good load did.
+    (checkpoint keys a ``key_map`` dropped) are what a good load did. ``frozen_keys`` are the
+    model tensors a trainable-only checkpoint left out on purpose (frozen when it was saved):
+    not loaded, kept as the model holds them (its base weights), and no reason to fail.
+
+    Args:
+        missing_keys: live keys the checkpoint does not hold (left as they were).
+        unexpected_keys: checkpoint keys the live state does not have (not loaded).
+        mismatched: keys in both with another shape, or a dtype that is not cast (not loaded).
+        cast: tensors loaded after a dtype cast into the live tensor's dtype.
+        dropped_keys: checkpoint keys a ``key_map`` dropped on purpose.
+        frozen_keys: model keys a trainable-only checkpoint left out on purpose (not loaded).
     """
 
     missing_keys: list[str] = field(default_factory=list)
@@ -58,12 +68,19 @@ class LoadReport:
     mismatched: list[Mismatch] = field(default_factory=list)
     cast: list[Cast] = field(default_factory=list)
     dropped_keys: list[str] = field(default_factory=list)
+    frozen_keys: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """True when every key was loaded and nothing was left over."""
         return not (self.missing_keys or self.unexpected_keys or self.mismatched)
 
     def describe(self, limit: int = 20) -> str:
+        """One line per kind of problem, for messages.
+
+        Args:
+            limit: the most keys listed per kind (the rest are counted).
+        """
         parts = []
         for title, items in (
             ("missing from the checkpoint", self.missing_keys),
@@ -71,6 +88,10 @@ class LoadReport:
             ("shape/dtype mismatch", [str(m) for m in self.mismatched]),
             ("cast to the model's dtype", [str(c) for c in self.cast]),
             ("dropped by key_map", self.dropped_keys),
+            (
+                "left out of this trainable-only checkpoint (frozen when saved; kept as the model has them)",
+                self.frozen_keys,
+            ),  # fmt: skip
         ):
             if items:
                 shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

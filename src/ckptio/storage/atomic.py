@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from ckptio.errors import CheckpointWriteError
-from ckptio.formats.naming import DELETE_MARK, MANIFEST, OLD_MARK, TMP_MARK
-from ckptio.storage.base import Commit, FileRecord
+from ckptio.formats.naming import COMMIT_MARKER, DELETE_MARK, MANIFEST, OLD_MARK, REMOTE_VERSION_PREFIX, TMP_MARK
+from ckptio.storage.base import Commit, FileRecord, ReuseIndex
 from ckptio.storage.local import LocalFileWriter, fsync_dir
 from ckptio.storage.manifest import Manifest, read_manifest
+from ckptio.storage.reuse import index_folders
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -170,6 +171,12 @@ class FolderCommit(Commit):
     def abort(self) -> None:
         _remove(self.staging)
 
+    def reuse_index(self, references: Iterable[str] = ()) -> ReuseIndex | None:
+        """The files of the folder this save replaces and of the committed ``references`` (e.g.
+        the run's previous checkpoint), by content (:mod:`ckptio.storage.reuse`)."""
+        folders = dict.fromkeys([self.target, *(Path(os.path.abspath(r)) for r in references)])
+        return index_folders(f for f in folders if f != self.staging)
+
     def _carry_over(self, old: Manifest | None) -> dict[str, FileRecord]:
         """Hard-link what the old folder holds that this save does not own."""
         carried: dict[str, FileRecord] = {}
@@ -177,7 +184,7 @@ class FolderCommit(Commit):
             return carried
         for entry in self.target.iterdir():
             name = entry.name
-            if name == MANIFEST or self.owns(name) or (self.staging / name).exists():
+            if name == MANIFEST or self.owns(name) or (self.staging / name).exists() or _synced_commit(name):
                 continue
             dest = self.staging / name
             if entry.is_dir() and not entry.is_symlink():
@@ -211,23 +218,36 @@ class FolderCommit(Commit):
         return self.target
 
     def _swap(self) -> None:
-        if not self.target.exists():
-            os.rename(self.staging, self.target)
-            fsync_dir(self.target.parent)
-            return
-        if _exchange(self.staging, self.target):
-            fsync_dir(self.target.parent)
-            _remove(self.staging)  # now holds the previous checkpoint
-            return
-        aside = self.target.parent / f".{self.target.name}{OLD_MARK}{self.token}"
-        os.rename(self.target, aside)
-        try:
-            os.rename(self.staging, self.target)
-        except OSError:
-            os.rename(aside, self.target)
-            raise
-        fsync_dir(self.target.parent)
-        _remove(aside)
+        swap_into_place(self.staging, self.target, self.token)
+
+
+def swap_into_place(staged: Path, target: Path, token: str) -> None:
+    """Put the complete, durable folder ``staged`` at ``target``, replacing what is there (a
+    folder, or a file), so that a crash at any moment leaves the old or the new one at ``target``
+    (after :func:`recover` where the OS cannot exchange two paths); the old one is then removed."""
+    if not target.exists():
+        os.rename(staged, target)
+        fsync_dir(target.parent)
+        return
+    if _exchange(staged, target):
+        fsync_dir(target.parent)
+        _remove(staged)  # now holds the previous checkpoint
+        return
+    aside = target.parent / f".{target.name}{OLD_MARK}{token}"
+    os.rename(target, aside)
+    try:
+        os.rename(staged, target)
+    except OSError:
+        os.rename(aside, target)
+        raise
+    fsync_dir(target.parent)
+    _remove(aside)
+
+
+def _synced_commit(name: str) -> bool:
+    """The marker and versions of an object-store checkpoint synced down to this folder: a local
+    save replaces them (kept, the marker would still name the old version to every reader)."""
+    return name == COMMIT_MARKER or name.startswith(REMOTE_VERSION_PREFIX)
 
 
 def _link_or_copy(src, dst) -> None:

@@ -27,7 +27,6 @@ run unchanged; the temporary folder is ``$CKPTIO_TMPDIR`` or the system default.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -37,18 +36,17 @@ from typing import Any
 
 from ckptio.errors import (
     CheckpointError,
-    CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointWriteError,
 )
 from ckptio.formats.naming import COMMIT_MARKER, MANIFEST, REMOTE_VERSION_PREFIX
 from ckptio.progress import Progress
-from ckptio.storage.base import Commit, FileRecord, FileWriter, HashingStream, new_hasher
+from ckptio.storage import reading
+from ckptio.storage.base import Commit, FileRecord, FileWriter, HashingStream, check_abandoned, new_hasher
+from ckptio.storage.marker import MAX_MARKER_BYTES, incomplete, marker_bytes, parse_marker
 from ckptio.storage.urls import is_url, url_basename
 
 _CHUNK = 8 * 1024 * 1024
-MARKER_FORMAT = "ckptio-commit"
-MARKER_VERSION = 1
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):
@@ -100,6 +98,7 @@ class FsspecFileWriter(FileWriter):
         fh = self._open_object(name)
         try:
             for chunk in chunks:
+                check_abandoned(self._where(name))
                 view = memoryview(chunk).cast("B")
                 hasher.update(view)
                 fh.write(view)
@@ -138,28 +137,10 @@ def read_marker(fs, root: str) -> str | None:
     marker = _join(root, COMMIT_MARKER)
     try:
         with fs.open(marker, "rb") as fh:
-            raw = fh.read(1024 * 1024)
+            raw = fh.read(MAX_MARKER_BYTES)
     except FileNotFoundError:
         return None
-    where = fs.unstrip_protocol(marker)
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointFormatError(f"commit marker is not valid JSON: {exc}", path=where) from exc
-    version = body.get("version") if isinstance(body, dict) else None
-    if (
-        not isinstance(body, dict)
-        or body.get("format") != MARKER_FORMAT
-        or not isinstance(version, str)
-        or not version.startswith(REMOTE_VERSION_PREFIX)
-        or "/" in version
-    ):
-        raise CheckpointFormatError("commit marker is malformed (expected a ckptio-commit version)", path=where)
-    if not isinstance(body.get("format_version"), int) or body["format_version"] > MARKER_VERSION:
-        raise CheckpointFormatError(
-            f"commit marker format_version {body.get('format_version')!r} unsupported", path=where
-        )
-    return version
+    return parse_marker(raw, where=fs.unstrip_protocol(marker))
 
 
 @dataclass(frozen=True)
@@ -189,11 +170,7 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> RemoteCh
     except Exception as exc:
         raise CheckpointError(f"cannot list: {exc}", path=url) from exc
     if any(n.startswith(REMOTE_VERSION_PREFIX) for n in names):
-        raise CheckpointNotFoundError(
-            f"incomplete checkpoint: files were uploaded but the commit marker {COMMIT_MARKER} was never "
-            "written (the save was interrupted); it is not loaded",
-            path=url,
-        )
+        raise incomplete(url)
     if not names:
         raise CheckpointNotFoundError("checkpoint does not exist", path=url)
     # A folder put there by another tool (e.g. a Hugging Face upload): read as it is.
@@ -249,27 +226,45 @@ class PartialCopy:
     found as in a full copy, until :meth:`fetch` downloads it. A one-object URL is downloaded.
     """
 
-    def __init__(self, url: str, dest: str | os.PathLike, *, storage_options=None, quiet: bool = False) -> None:
+    def __init__(
+        self, url: str, dest: str | os.PathLike, *, storage_options=None, quiet: bool = False, ranged: bool = False
+    ) -> None:
         remote = resolve(url, storage_options)
         self.fs, self.url, self.quiet = remote.fs, url, quiet
         self.path = Path(dest) / url_basename(url)
         sources = _sources(remote, self.path)
         if not remote.is_file:
             self.path.mkdir(parents=True, exist_ok=True)
-        now = {dst: src for dst, src in sources.items() if remote.is_file or dst.name.endswith(".json")}
-        self._pending = {dst: src for dst, src in sources.items() if dst not in now}
-        for dst in self._pending:
+        # ranged: every safetensors file is read from the store by byte ranges (storage/reading.py),
+        # everything else (small: indexes, JSON, torch files) is downloaded now
+        self._ranged = {dst: src for dst, src in sources.items() if ranged and dst.name.endswith(".safetensors")}
+        now = {
+            dst: src
+            for dst, src in sources.items()
+            if dst not in self._ranged and (ranged or remote.is_file or dst.name.endswith(".json"))
+        }
+        self._pending = {dst: src for dst, src in sources.items() if dst not in now and dst not in self._ranged}
+        for dst in (*self._pending, *self._ranged):
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.touch()
+        for dst, src in self._ranged.items():
+            reading.register(dst, reading.RemoteObject(self.fs, src, int(self.fs.size(src) or 0)))
         _download(self.fs, now, url_basename(url), quiet)
+
+    def close(self) -> None:
+        """Forget the placeholders read by byte ranges (the folder is about to be removed)."""
+        for dst in self._ranged:
+            reading.unregister(dst)
 
     def fetch(self, paths: Iterable[str | os.PathLike]) -> None:
         """Download the files at these local paths (those not downloaded yet)."""
         wanted = {Path(p) for p in paths}
-        todo = {dst: src for dst, src in self._pending.items() if dst in wanted}
+        todo = {dst: src for dst, src in {**self._pending, **self._ranged}.items() if dst in wanted}
         _download(self.fs, todo, url_basename(self.url), self.quiet)
         for dst in todo:
-            del self._pending[dst]
+            self._pending.pop(dst, None)
+            if self._ranged.pop(dst, None) is not None:
+                reading.unregister(dst)
 
 
 class RemoteFolderCommit(Commit):
@@ -278,7 +273,6 @@ class RemoteFolderCommit(Commit):
     version; older versions are deleted only after the marker flipped."""
 
     def __init__(self, url: str, *, token: str, storage_options=None) -> None:
-        _check_single_process(url)
         self.target = url
         self.fs, self.root = filesystem(url, storage_options)
         self.version = f"{REMOTE_VERSION_PREFIX}{token}"
@@ -300,8 +294,7 @@ class RemoteFolderCommit(Commit):
         files = {rec.name: rec for rec in records}
         # The manifest goes after every file it lists, so even the version folder is never half-described.
         self.writer.write(MANIFEST, [Manifest(files, dict(manifest_extra or {})).to_bytes()])
-        body = {"format": MARKER_FORMAT, "format_version": MARKER_VERSION, "version": self.version, "files": len(files)}
-        commit_marker(self.fs, self.root, body)
+        commit_marker(self.fs, self.root, marker_bytes(self.version, len(files)))
         prune_versions(self.fs, self.root, keep=self.version)
 
     def abort(self) -> None:
@@ -314,7 +307,6 @@ class RemoteFileCommit(Commit):
     (a failed multipart upload is aborted), so it needs no marker."""
 
     def __init__(self, url: str, *, token: str, storage_options=None) -> None:
-        _check_single_process(url)
         self.target = url
         fs, path = filesystem(url, storage_options)
         parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
@@ -338,9 +330,9 @@ class RemoteFileCommit(Commit):
         """Nothing to drop: a failed upload never becomes an object."""
 
 
-def commit_marker(fs, root: str, body: dict[str, Any]) -> None:
+def commit_marker(fs, root: str, body: bytes) -> None:
     """Write the marker: the one PUT that makes a new version the checkpoint."""
-    FsspecFileWriter(fs, root).write(COMMIT_MARKER, [(json.dumps(body, indent=1) + "\n").encode("utf-8")])
+    FsspecFileWriter(fs, root).write(COMMIT_MARKER, [body])
 
 
 def prune_versions(fs, root: str, *, keep: str) -> list[str]:
@@ -356,21 +348,6 @@ def prune_versions(fs, root: str, *, keep: str) -> list[str]:
     return removed
 
 
-def _check_single_process(url: str) -> None:
-    try:
-        import torch.distributed as dist
-
-        many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    except Exception:  # pragma: no cover
-        many = False
-    if many:
-        raise CheckpointError(
-            "saving to a URL from several ranks is not supported yet: save to a shared local path and "
-            "copy it, or save from a single process",
-            path=url,
-        )
-
-
 def _tmp_root() -> str | None:
     return os.environ.get("CKPTIO_TMPDIR") or None
 
@@ -383,10 +360,17 @@ def loading(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[
 
 
 @contextlib.contextmanager
-def loading_partially(url: str, *, storage_options=None, quiet: bool = False) -> Iterator[PartialCopy]:
-    """Yield a :class:`PartialCopy` of the committed checkpoint at ``url``; removed afterwards."""
+def loading_partially(
+    url: str, *, storage_options=None, quiet: bool = False, ranged: bool = False
+) -> Iterator[PartialCopy]:
+    """Yield a :class:`PartialCopy` of the committed checkpoint at ``url``; removed afterwards.
+    ``ranged``: its safetensors files are read from the store by byte ranges, never downloaded."""
     with tempfile.TemporaryDirectory(prefix="ckptio-download-", dir=_tmp_root()) as tmp:
-        yield PartialCopy(url, tmp, storage_options=storage_options, quiet=quiet)
+        copy = PartialCopy(url, tmp, storage_options=storage_options, quiet=quiet, ranged=ranged)
+        try:
+            yield copy
+        finally:
+            copy.close()
 
 
 def exists(url: str, storage_options=None) -> bool:

@@ -18,7 +18,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ckptio.errors import CheckpointWriteError
-from ckptio.storage.base import FileRecord, FileWriter, HashingStream, PositionalFile, new_hasher
+from ckptio.storage.base import (
+    FileRecord,
+    FileWriter,
+    HashingStream,
+    PositionalFile,
+    Reusable,
+    WritesAbandoned,
+    check_abandoned,
+    new_hasher,
+)
+from ckptio.storage.reuse import link_file
 
 _PIECE = 64 * 1024 * 1024
 _SMALL = 1024 * 1024
@@ -67,6 +77,7 @@ class _Sink:
         self._pending, self._pending_bytes = [], 0
 
     def _write_all(self, views: list[memoryview]) -> None:
+        check_abandoned()
         views = [v for v in views if len(v)]
         while views:
             n = os.writev(self.fd, views) if len(views) > 1 else os.write(self.fd, views[0])
@@ -186,6 +197,9 @@ class LocalFileWriter(FileWriter):
             raise _write_error(exc, str(path)) from exc
         return FileRecord(name, size, hasher.hexdigest())
 
+    def link(self, name: str, source: Reusable) -> FileRecord | None:
+        return source.record(name) if link_file(source, self.root / name) else None
+
     def _open(self, name: str):
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +215,8 @@ class LocalFileWriter(FileWriter):
             for chunk in chunks:
                 sink.add(chunk)
             sink.finish()
+        except WritesAbandoned:
+            raise
         except OSError as exc:
             raise _write_error(exc, str(path)) from exc
         finally:
@@ -220,6 +236,8 @@ class LocalFileWriter(FileWriter):
             os.fsync(raw.fileno())
             handle.record = FileRecord(name, stream.size, stream.hexdigest())
             stream.record = handle.record
+        except WritesAbandoned:
+            raise
         except OSError as exc:
             raise _write_error(exc, path) from exc
         finally:

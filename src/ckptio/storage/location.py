@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from ckptio.storage.base import Commit
 from ckptio.storage.urls import is_url, join, local_path, url_basename
 
 __all__ = [
+    "committed_local",
     "exists",
     "is_url",
     "join",
@@ -54,15 +56,23 @@ def new_commit(
 
 
 @contextlib.contextmanager
-def readable(checkpoint: str | os.PathLike, *, quiet: bool = False) -> Iterator[str]:
-    """A local path to read ``checkpoint`` from: itself, or a downloaded copy of the version a
-    URL's commit marker names (removed afterwards)."""
+def readable(checkpoint: str | os.PathLike, *, quiet: bool = False, ranged: bool = False) -> Iterator[str]:
+    """A local path to read ``checkpoint`` from: itself, the version a local folder's commit
+    marker names (an object-store checkpoint copied down with ``aws s3 sync`` or the like), or
+    a copy of the version a URL's marker names (removed afterwards). ``ranged``: the copy's
+    safetensors files are placeholders read from the store by byte ranges (readers that open
+    files through :func:`ckptio.storage.reading.open_source`), so each rank of a load fetches
+    only its boxes; otherwise everything is downloaded."""
     target = normalize(checkpoint)
     if not is_url(target):
-        yield target
+        yield committed_local(target)
         return
     from ckptio.storage import fsspec_storage
 
+    if ranged:
+        with fsspec_storage.loading_partially(target, quiet=quiet, ranged=True) as copy:
+            yield str(copy.path)
+        return
     with fsspec_storage.loading(target, quiet=quiet) as local:
         yield local
 
@@ -77,12 +87,20 @@ def readable_partially(
     at first, and ``fetch`` downloads the others asked for."""
     target = normalize(checkpoint)
     if not is_url(target):
-        yield target, lambda paths: None
+        yield committed_local(target), lambda paths: None
         return
     from ckptio.storage import fsspec_storage
 
     with fsspec_storage.loading_partially(target, quiet=quiet) as copy:
         yield str(copy.path), copy.fetch
+
+
+def committed_local(target: str | os.PathLike) -> str:
+    """The local ``target``, or the committed version inside it when it holds a commit marker."""
+    from ckptio.storage.marker import committed_folder
+
+    folder = committed_folder(target)
+    return os.fspath(target) if folder == Path(target) else os.fspath(folder)
 
 
 def exists(checkpoint: str | os.PathLike) -> bool:

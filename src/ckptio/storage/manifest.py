@@ -57,7 +57,10 @@ def parse_manifest(data: Any, *, path: str) -> Manifest:
             or not isinstance(entry.get(CHECKSUM_ALGORITHM), str)
         ):
             raise CheckpointFormatError(f"manifest entry for {name!r} is malformed", path=path)
-        files[name] = FileRecord(name, entry["size"], entry[CHECKSUM_ALGORITHM])
+        pieces = entry.get("pieces")
+        if pieces is not None and not isinstance(pieces, str):
+            raise CheckpointFormatError(f"manifest entry for {name!r} has malformed pieces {pieces!r}", path=path)
+        files[name] = FileRecord(name, entry["size"], entry[CHECKSUM_ALGORITHM], pieces=pieces)
     extra = {k: v for k, v in data.items() if k not in ("files",)}
     return Manifest(files, extra)
 

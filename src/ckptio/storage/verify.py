@@ -9,6 +9,7 @@ from pathlib import Path
 from ckptio.errors import CheckpointCorruptError, CheckpointNotFoundError
 from ckptio.storage.base import new_hasher
 from ckptio.storage.manifest import read_manifest
+from ckptio.storage.reading import file_size, open_source
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -17,9 +18,14 @@ def file_checksum(path: str | os.PathLike) -> str:
     hasher = new_hasher()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(view):
+    source = open_source(path)  # a local file, or an object in a store behind a placeholder
+    try:
+        offset = 0
+        while n := source.read_into(offset, view):
             hasher.update(view[:n])
+            offset += n
+    finally:
+        source.close()
     return hasher.hexdigest()
 
 
@@ -38,7 +44,7 @@ def check_against_manifest(folder: str | os.PathLike, names: Iterable[str], *, c
         if record is None:
             continue
         try:
-            size = path.stat().st_size
+            size = file_size(path)
         except FileNotFoundError:
             raise CheckpointNotFoundError("listed in the manifest but missing", path=path) from None
         if size != record.size:

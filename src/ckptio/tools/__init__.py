@@ -20,7 +20,16 @@ from ckptio.tools.verify import verify_path
 
 
 def verify_checkpoint(path: str | os.PathLike, *, checksums: bool = True) -> tuple[list[str], list[str]]:
-    """``(passed checks, problems)`` for whatever ``path`` holds; empty problems mean intact."""
+    """Check whatever ``path`` holds (model, optimizer, LR scheduler file, training checkpoint or
+    a run's folder): manifest sizes and checksums, headers, index entries, each part parsed.
+
+    Args:
+        path: local or an fsspec URL.
+        checksums: re-hash every file against the manifest (False: sizes only).
+
+    Returns:
+        ``(passed checks, problems)`` as sentences naming the file; no problems means intact.
+    """
     with readable(path) as local:
         return verify_path(local, checksums)
 

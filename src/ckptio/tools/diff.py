@@ -12,9 +12,19 @@ from ckptio.storage.location import readable
 from ckptio.tools.inspect import dtype_name
 from ckptio.tools.view import ModelView
 
+# the 16 values of a 4-bit E2M1 code; torch has no arithmetic on float4_e2m1fn_x2 (two codes per byte)
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _unpack_fp4(t: torch.Tensor) -> torch.Tensor:
+    codes = t.contiguous().view(torch.uint8).long()
+    return torch.stack([_E2M1[codes & 15], _E2M1[codes >> 4]], dim=-1)
+
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest ``|a - b|`` (NaN where exactly one side is NaN; both NaN counts as equal)."""
+    if a.dtype == getattr(torch, "float4_e2m1fn_x2", None):
+        a, b = _unpack_fp4(a), _unpack_fp4(b)
     if a.dtype == torch.bool:
         return float((a != b).any())
     if a.is_complex():
@@ -33,6 +43,14 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, atol: float 
 
     ``equal`` is True only when both hold the same keys, dtypes and shapes and every value is
     equal (or within ``atol``). Tensors are read one pair at a time.
+
+    Args:
+        a: a model checkpoint in any layout, local or an fsspec URL.
+        b: another one.
+        atol: the largest absolute difference still counted as equal.
+
+    Returns:
+        A dict ``json.dumps`` accepts (what ``ckptio diff --json`` prints).
     """
     with readable(a) as la, readable(b) as lb, ModelView(la) as va, ModelView(lb) as vb:
         report = compare(va, vb, atol)

@@ -16,7 +16,7 @@ from ckptio.errors import CheckpointError
 from ckptio.formats.hf_index import read_json_file
 from ckptio.formats.naming import RUNNING_STATES, TRAINING_MODEL_DIR, TRAINING_OPTIMIZER_DIR
 from ckptio.layouts.detect import Located, detect, training_checkpoints_in
-from ckptio.storage.location import readable
+from ckptio.storage.location import committed_local, readable
 from ckptio.storage.manifest import read_manifest
 from ckptio.tools.view import ModelView
 
@@ -27,7 +27,15 @@ def dtype_name(dtype) -> str:
 
 def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dict[str, Any]:
     """The report for whatever ``path`` holds; ``kind`` says which: ``model``, ``optimizer``,
-    ``lr_scheduler``, ``training`` (one ``epoch-E_step-S`` folder) or ``training runs``."""
+    ``lr_scheduler``, ``training`` (one ``epoch-E_step-S`` folder) or ``training runs``.
+
+    Args:
+        path: local or an fsspec URL.
+        tensors: also list every tensor (name, dtype, shape, file) of a model.
+
+    Returns:
+        A dict ``json.dumps`` accepts (what ``ckptio inspect --json`` prints).
+    """
     label = os.fspath(path)
     with readable(path) as local:
         located = detect(local)
@@ -136,7 +144,7 @@ def runs_summary(label: str, folder: str | os.PathLike) -> dict[str, Any]:
     for checkpoint in training_checkpoints_in(folder):
         files = [p for p in checkpoint.rglob("*") if p.is_file()]
         try:
-            running = running_states(checkpoint)
+            running = running_states(committed_local(checkpoint))  # a synced copy of an s3:// run too
             where = f"epoch {running.get('epoch')}, step {running.get('step')}"
         except CheckpointError:
             where = "incomplete (no readable running_states.json)"

@@ -27,6 +27,7 @@ from ckptio.formats.naming import (
 from ckptio.layouts.detect import Located, detect, training_checkpoints_in
 from ckptio.layouts.lr_scheduler import read_lr_scheduler_state
 from ckptio.layouts.optimizer import read_saved
+from ckptio.storage.location import committed_local
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import file_checksum
 
@@ -184,7 +185,12 @@ def verify_save_dir(folder: Path, checksums: bool) -> Report:
     ok: list[str] = []
     problems: list[str] = []
     for checkpoint in training_checkpoints_in(folder):
-        _prefixed(checkpoint.name, verify_training_checkpoint(checkpoint, checksums), ok, problems)
+        try:
+            committed = Path(committed_local(checkpoint))  # a synced copy of an s3:// run too
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        _prefixed(checkpoint.name, verify_training_checkpoint(committed, checksums), ok, problems)
     leftovers = sorted(p.name for p in folder.iterdir() if TMP_MARK in p.name)
     if leftovers:
         ok.append(f"{len(leftovers)} unfinished save(s) left by a crash, ignored (the next save removes them)")

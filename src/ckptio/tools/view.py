@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ckptio.engine.reader import TensorFile
+from ckptio.engine.tensors import Region
 from ckptio.formats.dtypes import element_size
 from ckptio.layouts.detect import Located, detect
 
@@ -64,15 +65,27 @@ class ModelView:
         return self.located.weight_files
 
     def file_size(self, name: str) -> int:
+        if self.file_formats.get(name) == "dcp":  # .metadata stands for the whole folder's data files
+            return sum((self.located.folder / f).stat().st_size for f in self.located.files)
         return (self.located.folder / name).stat().st_size
 
-    def read(self, key: str) -> torch.Tensor:
-        entry = self.tensors[key]
+    def _file(self, name: str) -> TensorFile:
         with self._lock:
-            tf = self._open.get(entry.file)
+            tf = self._open.get(name)
             if tf is None:
-                tf = self._open[entry.file] = TensorFile(self.located.folder / entry.file)
-        return tf.read(key)
+                tf = self._open[name] = TensorFile(self.located.folder / name)
+        return tf
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._file(self.tensors[key].file).read(key)
+
+    def read_box(self, key: str, region: Region, out: torch.Tensor) -> None:
+        """Copy the box ``region`` of tensor ``key`` into ``out`` (contiguous, ``region.shape``)."""
+        self._file(self.tensors[key].file).read_box(key, region, out)
+
+    def reads_boxes(self, key: str) -> bool:
+        """Whether a box of ``key`` costs only its own bytes (files read by offset, not mapped whole)."""
+        return self.file_formats[self.tensors[key].file] in ("safetensors", "dcp")
 
     def release(self, name: str) -> None:
         with self._lock:

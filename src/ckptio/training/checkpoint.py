@@ -37,7 +37,7 @@ from ckptio.engine.save import FilesPart, save_parts
 from ckptio.errors import CheckpointFormatError, StateMismatchError
 from ckptio.formats import naming
 from ckptio.formats.hf_index import read_json_file
-from ckptio.layouts.detect import detect
+from ckptio.layouts.detect import detect, training_checkpoints_in
 from ckptio.layouts.model import MiB, ModelSaveOptions
 from ckptio.layouts.optimizer import OptimizerSaveOptions
 from ckptio.state.optimizer import register_model
@@ -45,6 +45,7 @@ from ckptio.storage.location import is_url, join, normalize, readable
 from ckptio.storage.manifest import read_manifest
 from ckptio.storage.verify import check_against_manifest
 from ckptio.training import rng
+from ckptio.training.foreign import check_foreign
 from ckptio.training.resume import warn_if_world_size_changed
 from ckptio.training.stateful import check_stateful, prepare_stateful_load, stateful_parts
 
@@ -61,13 +62,22 @@ parse_checkpoint_name = naming.parse_checkpoint_name
 
 
 def save_json(data: dict[str, Any], file_path: str | os.PathLike) -> None:
-    """Write ``data`` as JSON to ``file_path``, atomically (ColossalChat's helper)."""
+    """Write ``data`` as JSON to ``file_path``, atomically (ColossalChat's helper).
+
+    Args:
+        data: a JSON-able dict.
+        file_path: the file, local or an fsspec URL.
+    """
     body = (json.dumps(data, indent=4) + "\n").encode("utf-8")
     save_parts(normalize(file_path), [FilesPart({"json": body}, master_only=False)], Group.of_one(), folder=False)
 
 
 def load_json(file_path: str | os.PathLike) -> dict[str, Any]:
-    """Read a JSON object (ColossalChat's helper); errors name the file."""
+    """Read a JSON object (ColossalChat's helper); errors name the file.
+
+    Args:
+        file_path: the file, local or an fsspec URL.
+    """
     with readable(file_path) as local:
         data = read_json_file(local, what="JSON file")
     if not isinstance(data, dict):
@@ -98,6 +108,8 @@ def save_checkpoint(
     use_async: bool = False,
     extra_states: dict[str, Any] | None = None,
     stateful: Mapping[str, Any] | None = None,
+    only_trainable: bool = False,
+    reuse_unchanged: bool = True,
 ) -> Path:
     """Save model, optimizer, scheduler, position and RNG to ``save_dir/epoch-E_step-S``.
 
@@ -116,6 +128,38 @@ def save_checkpoint(
     (``stateful`` objects' tensors included). Returns the path.
     An existing ``epoch-E_step-S`` folder is replaced atomically, whichever run wrote it
     (:class:`ckptio.CheckpointManager` is what refuses to overwrite another run's checkpoints).
+
+    ``only_trainable=True`` writes only the parameters that train (a LoRA run's adapters, the
+    unfrozen half of a model): the frozen ones are named in ``modeling/``'s index and come back
+    from the base weights, so load the base model first, then :func:`load_checkpoint` (see
+    :meth:`ckptio.checkpoint_io.base.CheckpointIO.save_model`). Otherwise frozen parameters are
+    saved in shards of their own, and with ``reuse_unchanged`` (the default, local folders) every
+    weights file whose bytes the newest other checkpoint in ``save_dir`` (or the folder being
+    replaced) already holds is hard-linked from it instead of written: each checkpoint stays a
+    complete folder, and deleting one leaves the others whole (:mod:`ckptio.storage.reuse`).
+
+    Args:
+        save_dir: the run's folder, local or an fsspec URL.
+        booster: the Booster whose CheckpointIO writes the parts.
+        model: the boosted model (saved sharded, in ``modeling/``).
+        optimizer: its optimizer, or None (saved in ``optimizer/``).
+        lr_scheduler: its scheduler, or None (saved as ``lr_scheduler``).
+        epoch: the epoch the loop is in.
+        step: the step within the epoch.
+        batch_size: the batch size per rank.
+        coordinator: the ranks saving together (default: the default group's).
+        sampler: a :class:`StatefulDistributedSampler` whose state is saved.
+        size_per_shard: the largest shard, in MiB.
+        use_safetensors: safetensors model shards (``torch.save`` ones when False).
+        use_async: return before the state is copied; copy, write and commit in the background.
+        extra_states: JSON values stored in ``running_states.json`` under ``extra_states``.
+        stateful: ``{name: object}`` with ``state_dict``/``load_state_dict`` (an EMA, a data
+            loader), saved under ``stateful/<name>`` and restored by :func:`load_checkpoint`.
+        only_trainable: write only the parameters that train (see above).
+        reuse_unchanged: hard-link weights files whose bytes an earlier checkpoint already holds.
+
+    Returns:
+        The checkpoint's path (a URL for a URL ``save_dir``).
     """
     started = time.perf_counter()
     epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
@@ -127,7 +171,9 @@ def save_checkpoint(
     if optimizer is not None:
         register_model(optimizer, model)
     max_bytes = max(1, int(size_per_shard * MiB))
-    model_opts = ModelSaveOptions(shard=True, max_shard_bytes=max_bytes, use_safetensors=use_safetensors)
+    model_opts = ModelSaveOptions(
+        shard=True, max_shard_bytes=max_bytes, use_safetensors=use_safetensors, only_trainable=bool(only_trainable)
+    )
     optim_opts = OptimizerSaveOptions(shard=True, max_shard_bytes=max_bytes, layout=io.optimizer_layout)
     running: dict[str, Any] = {
         "epoch": epoch,
@@ -154,12 +200,23 @@ def save_checkpoint(
     parts += stateful_parts(stateful, io.group)
     parts.append(FilesPart({rng.rng_file_name(group.rank): rng.rng_state_bytes(group.rank)}, master_only=False))
     parts.append(FilesPart({RUNNING_STATES: running_bytes}, master_only=True))
+    reuse = _previous_checkpoint(save_dir, target) if reuse_unchanged else None
     # use_async: booster.wait() makes it durable; its handle is io.last_save
     handle = io.save_parts(
-        target, parts, folder=True, group=group, use_async=use_async, what=f"training checkpoint {target}"
-    )
+        target, parts, folder=True, group=group, use_async=use_async, what=f"training checkpoint {target}",
+        reuse=reuse,
+    )  # fmt: skip
     handle.call_seconds = time.perf_counter() - started
     return target if is_url(target) else Path(target)
+
+
+def _previous_checkpoint(save_dir: str | os.PathLike, target: str) -> list[str]:
+    """The checkpoint a save in ``save_dir`` links its unchanged files from: the newest other
+    ``epoch-E_step-S`` folder there (none for a URL)."""
+    if is_url(normalize(save_dir)):
+        return []
+    others = [p for p in training_checkpoints_in(normalize(save_dir)) if os.path.abspath(p) != os.path.abspath(target)]
+    return [str(others[-1])] if others else []
 
 
 def load_checkpoint(
@@ -175,7 +232,10 @@ def load_checkpoint(
     restore_rng: bool = True,
     stateful: Mapping[str, Any] | None = None,
 ) -> tuple[int, int, int]:
-    """Load a checkpoint folder written by :func:`save_checkpoint` (or by ColossalChat).
+    """Load a checkpoint folder written by :func:`save_checkpoint` (or by ColossalChat), or the
+    training folder of another tool: a ``transformers.Trainer`` ``checkpoint-N/`` or an
+    ``accelerate`` ``save_state`` folder (:mod:`ckptio.training.foreign` says what is read from
+    them, and how their position is derived).
 
     Returns ``(epoch, step, sample_start_index)``. Restores model, optimizer and scheduler (any
     of them may be None: the others still load, as in ColossalChat), this rank's RNG states
@@ -191,8 +251,24 @@ def load_checkpoint(
     raises before the live model, optimizer, scheduler, sampler, stateful objects or RNG change;
     on several ranks every rank raises the same error: ``StateMismatchError`` when the checkpoint
     does not fit the job (on any rank), else the kind of damage found.
+
+    Args:
+        load_dir: the ``epoch-E_step-S`` folder (or another tool's training folder), local or an fsspec URL.
+        booster: the Booster whose CheckpointIO reads the parts.
+        model: the boosted model to load into.
+        optimizer: its optimizer, or None (not loaded).
+        lr_scheduler: its scheduler, or None (not loaded).
+        sampler: a :class:`StatefulDistributedSampler` to restore, when its state was saved.
+        strict: a model that does not fit raises (False: load what fits).
+        verify: check every file's checksum against the manifest first.
+        restore_rng: put back this rank's Python, NumPy, torch CPU and CUDA generators.
+        stateful: objects with ``state_dict``/``load_state_dict`` saved by ``save_checkpoint(stateful=...)``,
+            by the names they were saved with.
+
+    Returns:
+        ``(epoch, step, sample_start_index)``.
     """
-    with readable(load_dir) as local:
+    with readable(load_dir, ranged=True) as local:
         return _load_checkpoint(
             Path(local), booster, model, optimizer, lr_scheduler,
             sampler=sampler, strict=strict, verify=verify, restore_rng=restore_rng, stateful=check_stateful(stateful),
@@ -215,7 +291,7 @@ def _load_checkpoint(
         precedence=(StateMismatchError,),
     )
     if model is not None:
-        booster.load_model(model, load_dir / MODEL_DIR, strict=strict)
+        booster.load_model(model, checked.model_path, strict=strict)
     collective_step(
         group,
         f"loading the optimizer, LR scheduler, sampler, stateful objects and RNG of {load_dir}",
@@ -229,6 +305,8 @@ def _load_checkpoint(
             UserWarning,
             stacklevel=3,
         )
+    for note in checked.notes:
+        warnings.warn(f"{load_dir}: {note}", UserWarning, stacklevel=3)
     warn_if_world_size_changed(checked.running, DistCoordinator().world_size, where=str(load_dir))
     return checked.position
 
@@ -241,6 +319,8 @@ class _Checked:
     position: tuple[int, int, int]
     loads: list[Callable[[], None]]
     rng_missing: Path | None
+    model_path: Path
+    notes: tuple[str, ...] = ()
 
     def load_rest(self) -> None:
         for load in self.loads:
@@ -264,7 +344,13 @@ def _check_everything(
     Returns the loads of optimizer, scheduler, sampler, stateful objects and RNG (the model is
     loaded by the booster).
     """
-    detect(load_dir, "training")  # a folder left aside by a crash is put back; a non-checkpoint is refused
+    located = detect(load_dir, "training")  # a folder left aside by a crash is put back; a non-checkpoint is refused
+    if located.layout != "training":  # another tool's folder
+        found = check_foreign(
+            located, io, model, optimizer, lr_scheduler, sampler, strict, verify, restore_rng, stateful
+        )
+        running = {} if found.world_size is None else {"world_size": found.world_size}
+        return _Checked(running, found.position, found.loads, found.rng_missing, found.model_path, tuple(found.notes))
     running_path = load_dir / RUNNING_STATES
     running = load_json(running_path)
     try:
@@ -300,4 +386,4 @@ def _check_everything(
         io.check_model_load(model, str(load_dir / MODEL_DIR), strict=strict)
     if optimizer is not None:  # last: it reads the optimizer's state
         loads.insert(0, io.prepare_optimizer_load(optimizer, str(load_dir / OPTIMIZER_DIR), verify=False))
-    return _Checked(running, (epoch, step, start), loads, rng_missing)
+    return _Checked(running, (epoch, step, start), loads, rng_missing, load_dir / MODEL_DIR)

@@ -34,7 +34,11 @@ def _from_b64(text: str) -> torch.Tensor:
 
 
 def capture_rng_state(rank: int = 0) -> dict[str, Any]:
-    """Every global generator's state, JSON-ready."""
+    """Every global generator's state (Python, NumPy, torch CPU and every CUDA device), JSON-ready.
+
+    Args:
+        rank: recorded in the state, so a file restored on another rank is noticed.
+    """
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "format": FORMAT,
@@ -61,12 +65,52 @@ def capture_rng_state(rank: int = 0) -> dict[str, Any]:
     return state
 
 
+def from_generator_states(
+    python: Any, numpy_state: Any, torch_cpu: Any, cuda: Any = None, *, path: str | None = None
+) -> dict[str, Any]:
+    """Our state from the objects the generators themselves hand out (``random.getstate()``,
+    ``np.random.get_state()``, ``torch.get_rng_state()``, CUDA states: one tensor or a list),
+    as transformers.Trainer and accelerate pickle them; check it with :func:`prepare_rng_restore`."""
+    try:
+        version, internal, gauss = python
+        state: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "python": {"version": version, "state": list(internal), "gauss_next": gauss},
+            "torch_cpu": _b64(_byte_tensor(torch_cpu)),
+        }
+        if numpy_state is not None:
+            name, keys, pos, has_gauss, cached = numpy_state
+            if getattr(keys, "dtype", None) is None or str(keys.dtype) != "uint32":
+                raise TypeError(f"NumPy state keys must be a uint32 array, got {type(keys).__name__}")
+            state["numpy"] = {
+                "name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            }  # fmt: skip
+        if cuda is not None:
+            state["torch_cuda"] = [_b64(_byte_tensor(t)) for t in (cuda if isinstance(cuda, list | tuple) else [cuda])]
+    except (TypeError, ValueError) as exc:
+        raise CheckpointFormatError(f"malformed RNG state: {exc}", path=path) from exc
+    return state
+
+
+def _byte_tensor(value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        raise TypeError(f"a torch RNG state is a uint8 tensor, got {type(value).__name__}")
+    return value
+
+
 def rng_state_bytes(rank: int = 0) -> bytes:
     return (json.dumps(capture_rng_state(rank)) + "\n").encode("utf-8")
 
 
 def restore_rng_state(state: Any, *, path: str | None = None) -> None:
-    """Put every generator back; CUDA states are restored for the devices present."""
+    """Put every generator back; CUDA states are restored for the devices present.
+
+    Args:
+        state: what :func:`capture_rng_state` returned (checked whole before anything moves).
+        path: the file it came from, for error messages.
+    """
     prepare_rng_restore(state, path=path)()
 
 

@@ -22,6 +22,14 @@ class StatefulDistributedSampler(DistributedSampler):
     are complete. ``set_epoch`` leaves it alone, so ColossalChat's order
     (``set_start_index`` then ``set_epoch``) works. Without a process group it is a world
     of one (or what ``DistCoordinator`` reports).
+
+    Args:
+        dataset: the dataset to sample.
+        num_replicas: the number of ranks sharing it (default: the world size).
+        rank: this rank (default: the process group's rank).
+        shuffle: shuffle each epoch with ``seed + epoch``.
+        seed: the shuffling seed, the same on every rank.
+        drop_last: drop the tail that does not divide evenly among the ranks.
     """
 
     def __init__(
@@ -52,7 +60,11 @@ class StatefulDistributedSampler(DistributedSampler):
         return max(0, self.num_samples - self.start_index)
 
     def set_start_index(self, start_index: int) -> None:
-        """Skip this rank's first ``start_index`` samples in the next iteration."""
+        """Skip this rank's first ``start_index`` samples in the next iteration.
+
+        Args:
+            start_index: samples of this rank already seen in the epoch (``step * batch_size``).
+        """
         if isinstance(start_index, bool) or not isinstance(start_index, int) or start_index < 0:
             raise ValueError(f"start_index must be a non-negative int, got {start_index!r}")
         self.start_index = start_index
@@ -69,7 +81,11 @@ class StatefulDistributedSampler(DistributedSampler):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore epoch, position and seed (the world size may differ; the position is per rank)."""
+        """Restore epoch, position and seed (the world size may differ; the position is per rank).
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
         self.epoch = int(state.get("epoch", self.epoch))
         self.seed = int(state.get("seed", self.seed))
         self.set_start_index(int(state.get("start_index", 0)))

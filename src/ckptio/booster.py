@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ckptio.async_io.writer import SaveHandle
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.general import GeneralCheckpointIO
 from ckptio.plugins.base import Plugin
@@ -84,6 +85,9 @@ class Booster:
             )
         if optimizer is not None and model is not None:
             register_model(optimizer, model)  # optimizer state is then saved by parameter name
+        # an async save's copy runs behind the loop: the optimizer's step and the model's forward
+        # wait for the copy of what they modify (and only for that)
+        self.checkpoint_io.guard(model, optimizer)
         if model is not None:
             self._boosted.add(model)
         return model, optimizer, criterion, dataloader, lr_scheduler
@@ -171,7 +175,7 @@ class Booster:
         use_async: bool = False,
         *,
         only_trainable: bool = False,
-    ) -> None:
+    ) -> SaveHandle:
         """Save the model's weights: one file, or a Hugging Face folder of shards.
 
         Every rank calls it. The checkpoint appears whole or not at all (a crash leaves the
@@ -190,12 +194,19 @@ class Booster:
             size_per_shard: the largest shard, in MiB (a bigger tensor gets a shard of its own).
             use_safetensors: safetensors files instead of ``torch.save`` ones (a single-file
                 path ending in ``.safetensors`` is safetensors either way).
-            use_async: copy the state into host buffers and write it in the background;
-                :meth:`wait` makes it durable and raises its error.
+            use_async: return before the state is copied; the copy and the write run in the
+                background. The boosted optimizer's ``step()`` and the boosted model's forward
+                wait for the copy of what they modify; anything else that changes the state in
+                place calls :meth:`wait_staged` first. :meth:`wait` makes it durable and raises
+                its error.
             only_trainable: leave out the frozen parameters (``requires_grad=False``) and record
                 which; a strict load then expects them from the model's base weights.
+
+        Returns:
+            The save's handle: ``handle.staged.wait()`` (the state may change),
+            ``handle.durable.wait()`` (committed); both complete at once for a synchronous save.
         """
-        self.checkpoint_io.save_model(
+        return self.checkpoint_io.save_model(
             model, checkpoint, shard, gather_dtensor, prefix, size_per_shard, use_safetensors, use_async,
             only_trainable=only_trainable,
         )  # fmt: skip
@@ -251,7 +262,7 @@ class Booster:
         prefix: str | None = None,
         size_per_shard: int = 1024,
         use_async: bool = False,
-    ) -> None:
+    ) -> SaveHandle:
         """Save the optimizer's state: one ``torch.save`` file, or a folder of shards.
 
         Every rank calls it. A folder holds ckptio's layout by default (state tensors by
@@ -265,9 +276,12 @@ class Booster:
             gather_dtensor: kept for ColossalAI's signature: files always hold full tensors.
             prefix: put into file names, so saves with different prefixes share a folder.
             size_per_shard: the largest shard, in MiB.
-            use_async: stage now, write in the background (see :meth:`wait`).
+            use_async: return before the state is copied, as :meth:`save_model`.
+
+        Returns:
+            The save's handle, as :meth:`save_model`.
         """
-        self.checkpoint_io.save_optimizer(
+        return self.checkpoint_io.save_optimizer(
             optimizer, checkpoint, shard, gather_dtensor, prefix, size_per_shard, use_async
         )
 
@@ -317,6 +331,13 @@ class Booster:
     def wait(self) -> None:
         """Block until every async save of this booster is durable; re-raise its error."""
         self.checkpoint_io.wait()
+
+    def wait_staged(self) -> None:
+        """Block until the async save in flight has copied the state: call it before changing the
+        state in place other than through the boosted optimizer's ``step()`` or the boosted
+        model's forward (``model.load_state_dict``, ``p.data.copy_``, an EMA update, a ``stateful=``
+        object's tensors). Never raises: a failed save raises from the next save or :meth:`wait`."""
+        self.checkpoint_io.wait_staged()
 
 
 def _mixed_precision_error(mixed_precision: Any, plugin: Plugin | None) -> Exception:

@@ -61,6 +61,11 @@ class CheckpointExistsError(CheckpointWriteError, FileExistsError):
     """A save would replace or delete checkpoints that belong to another run; nothing was written."""
 
 
+class StateChangedError(CheckpointWriteError):
+    """An async save failed because the live state was modified in place before it was copied
+    (outside the boosted optimizer's ``step()`` and model's forward, without ``booster.wait_staged()``)."""
+
+
 class DistributedCheckpointError(CheckpointError, RuntimeError):
     """One or more ranks failed inside a collective save or load step."""
 
@@ -74,5 +79,6 @@ __all__ = [
     "StateMismatchError",
     "CheckpointWriteError",
     "CheckpointExistsError",
+    "StateChangedError",
     "DistributedCheckpointError",
 ]

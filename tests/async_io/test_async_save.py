@@ -65,6 +65,7 @@ def test_async_save_is_the_state_at_call_time(tmp_path, monkeypatch, shard, name
         assert path.stat().st_size == (tmp_path / "sync.bin").stat().st_size
     booster.save_model(model, path, shard=shard, use_safetensors=True, size_per_shard=0.05, use_async=True)
     assert booster.checkpoint_io.async_saver.in_flight
+    booster.wait_staged()  # changes outside optimizer.step() wait for the copy
     with torch.no_grad():  # training goes on at once
         for t in model.state_dict().values():
             t.add_(1)
@@ -133,11 +134,13 @@ def test_two_quick_saves_both_complete(tmp_path, monkeypatch):
     model = tiny_gpt2()
     first = _snapshot(model)
     booster.save_model(model, tmp_path / "one", shard=True, use_safetensors=True, size_per_shard=0.05, use_async=True)
+    booster.wait_staged()
     with torch.no_grad():
         for t in model.state_dict().values():
             t.add_(3)
     second = _snapshot(model)
     booster.save_model(model, tmp_path / "two", shard=True, use_safetensors=True, size_per_shard=0.05, use_async=True)
+    booster.wait_staged()
     with torch.no_grad():
         for t in model.state_dict().values():
             t.zero_()

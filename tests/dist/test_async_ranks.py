@@ -35,6 +35,19 @@ def _slow_writes(seconds: float) -> None:
     wrap_writes(before=lambda: time.sleep(seconds))
 
 
+def _slow_copies(seconds: float) -> None:
+    """Every tensor's background copy takes ``seconds`` longer: training surely meets a copy in progress."""
+    from ckptio.async_io import staging
+
+    original = staging._copy
+
+    def slow(dest, src, stream):
+        time.sleep(seconds)
+        return original(dest, src, stream)
+
+    staging._copy = slow
+
+
 @pytest.mark.parametrize("plugin", ["fsdp", "ddp"])
 def test_async_save_on_2_ranks_is_the_state_at_call_time(tmp_path, plugin):
     folder = tmp_path / "ck"
@@ -45,12 +58,14 @@ def test_async_save_on_2_ranks_is_the_state_at_call_time(tmp_path, plugin):
         train(model, optimizer, 2, rank)
         expected = _plain_names(full_state(model))
         _slow_writes(0.3)
-        booster.save_model(
+        _slow_copies(0.01)
+        handle = booster.save_model(
             model, folder / "model", shard=True, use_safetensors=True, size_per_shard=0.0002, use_async=True
         )
-        in_flight_after_call = booster.checkpoint_io.async_saver.in_flight
+        in_flight_after_call = booster.checkpoint_io.async_saver.in_flight and not handle.staged.done()
+        # changes every weight, with collectives, while the copy runs: step() waits for what it modifies
+        train(model, optimizer, 2, rank, start=2)
         staged_bytes = booster.checkpoint_io.async_saver.staging.nbytes  # this rank's share of the model
-        train(model, optimizer, 2, rank, start=2)  # changes every weight, with collectives, while the save runs
         booster.save_optimizer(optimizer, folder / "optim", shard=True, size_per_shard=0.0003, use_async=True)
         state, groups = full_optimizer_state(optimizer, model)
         optimizer_expected = _plain_names(state), groups
@@ -60,7 +75,7 @@ def test_async_save_on_2_ranks_is_the_state_at_call_time(tmp_path, plugin):
 
     results = run_ranks(lambda ctx: ctx.phase(2, "save", save), 2, tmp_path)
     model_at_call, optimizer_at_call, _, final, _ = results[0]
-    assert all(r[2] for r in results), "the call must return before the files are written"
+    assert all(r[2] for r in results), "the call must return before the state is copied"
     # each rank staged only what it contributes (its boxes, or the replicas it writes): together, the model once
     model_bytes = sum(t.numel() * t.element_size() for t in model_at_call.values())
     assert sum(r[4] for r in results) == model_bytes and all(0 < r[4] < model_bytes for r in results)
@@ -175,6 +190,58 @@ def test_staging_failure_on_one_rank_raises_from_the_call_on_every_rank(tmp_path
         assert raised is not None and "rank 1" in raised and "staging buffers" in raised, raised
         assert not in_flight and seconds < 20
     assert not (tmp_path / "m").exists()
+
+
+def test_a_background_copy_failure_on_one_rank_raises_from_the_next_call_on_every_rank(tmp_path):
+    """The copy runs on each rank's background thread, as one collective step on the background
+    group: rank 1 failing fails the save on both ranks, and the next call raises it on both (no
+    rank starts a save its peer refuses); staging memory stays one reused copy of each rank's share."""
+    from ckptio.async_io.staging import StagingBuffers
+
+    def save():
+        rank = torch.distributed.get_rank()
+        booster, model, optimizer = _boosted("fsdp")
+        saver = booster.checkpoint_io.async_saver
+        booster.save_model(model, tmp_path / "m", shard=True, use_safetensors=True, use_async=True)
+        train(model, optimizer, 1, rank)
+        booster.wait()
+        share, pointers = saver.staging.nbytes, sorted(b.data_ptr() for b in saver.staging._buffers["model"])
+        real_copy = StagingBuffers.copy
+        if rank == 1:
+
+            def out_of_memory(self, snapshots, progress=None):
+                raise MemoryError("cannot allocate staging buffers (injected)")
+
+            StagingBuffers.copy = out_of_memory
+        handle = booster.save_model(model, tmp_path / "m", shard=True, use_safetensors=True, use_async=True)
+        train(model, optimizer, 1, rank, start=1)  # the guards never raise
+        StagingBuffers.copy = real_copy
+        try:
+            booster.save_model(model, tmp_path / "m", shard=True, use_safetensors=True, use_async=True)
+        except DistributedCheckpointError as exc:
+            raised = str(exc)
+        else:
+            raised = None
+        try:  # the failed save's handle reports it too
+            handle.durable.result(timeout=0)
+        except DistributedCheckpointError:
+            failed = True
+        else:
+            failed = False
+        booster.save_model(model, tmp_path / "m", shard=True, use_safetensors=True, use_async=True)
+        booster.wait()
+        same = saver.staging.nbytes == share and sorted(b.data_ptr() for b in saver.staging._buffers["model"]) == pointers
+        return raised, failed, same, share, full_state(model)
+
+    results = run_ranks(lambda ctx: ctx.phase(2, "save", save), 2, tmp_path)
+    for raised, failed, same, _, _ in results:
+        assert raised is not None and "rank 1" in raised and "staging buffers" in raised, raised
+        assert failed and same
+    model_bytes = sum(t.numel() * t.element_size() for t in results[0][4].values())
+    assert sum(r[3] for r in results) == model_bytes  # each rank stages its share, once
+    plain = make_uneven(9)
+    Booster().load_model(plain, tmp_path / "m", verify=True)
+    assert diff_keys(plain.state_dict(), results[0][4]) == []
 
 
 @pytest.mark.parametrize("plugin", ["fsdp", "ddp"])

@@ -135,6 +135,7 @@ def test_async_save_rotates_only_once_durable(tmp_path):
     train(model, optimizer, scheduler)
     expected = snapshot(model)
     manager.save(model, optimizer, scheduler, 0, 2, 1, use_async=True)
+    booster.wait_staged()  # a change outside optimizer.step() waits for the copy
     with torch.no_grad():  # training goes on at once
         for p in model.parameters():
             p.add_(1.0)

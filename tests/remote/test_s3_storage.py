@@ -233,6 +233,7 @@ def test_async_save_to_s3_writes_in_the_background_and_commits_once_durable(s3):
     booster = Booster()
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     booster.save_model(model, url, shard=True, size_per_shard=0.002, use_safetensors=True, use_async=True)
+    booster.wait_staged()  # a change outside optimizer.step() waits for the copy
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # training goes on: the save must hold the state of the call

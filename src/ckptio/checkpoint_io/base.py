@@ -10,13 +10,17 @@ saves hand the path to the engine, whose commit the storage picks; loads read th
 from __future__ import annotations
 
 import os
+import time
+import weakref
 from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ckptio.async_io.writer import AsyncSaver
+from ckptio.async_io.staging import StagingOrder, StagingProgress
+from ckptio.async_io.writer import AsyncSaver, SaveHandle
 from ckptio.formats.naming import check_prefix
 from ckptio.layouts.model import MiB, ModelSaveOptions
 from ckptio.progress import module_nbytes, track_io
@@ -69,7 +73,7 @@ class CheckpointIO(ABC):
         use_async: bool = False,
         *,
         only_trainable: bool = False,
-    ) -> None:
+    ) -> SaveHandle:
         """Save model weights: one file at ``checkpoint``, or (``shard=True``) a folder of
         shards of at most ``size_per_shard`` MiB with a Hugging Face index.
 
@@ -87,9 +91,14 @@ class CheckpointIO(ABC):
             prefix: goes into file names (``pytorch_model.ema-00001-of-00002.bin``).
             size_per_shard: the largest shard, in MiB.
             use_safetensors: safetensors instead of ``torch.save`` files.
-            use_async: stage into host buffers and write in the background (:meth:`wait`).
+            use_async: return before the state is copied (:meth:`wait_staged`); copy and write
+                in the background (:meth:`wait`).
             only_trainable: leave out the frozen parameters and record their names (see above).
+
+        Returns:
+            The save's :class:`~ckptio.async_io.writer.SaveHandle` (``staged``, ``durable``).
         """
+        started = time.perf_counter()
         opts = ModelSaveOptions(
             shard=bool(shard),
             prefix=check_prefix(prefix),
@@ -100,7 +109,8 @@ class CheckpointIO(ABC):
         path = _check_path(checkpoint)
         self.wait()  # at most one save in flight: a save never races the previous async one
         with track_io("save model", lambda: module_nbytes(model), direction="write", quiet=bool(use_async)):
-            self._save_model(model, path, opts, gather_dtensor=gather_dtensor, use_async=bool(use_async))
+            handle = self._save_model(model, path, opts, gather_dtensor=gather_dtensor, use_async=bool(use_async))
+        return _timed(handle, started, f"model to {path}")
 
     def load_model(
         self,
@@ -174,7 +184,7 @@ class CheckpointIO(ABC):
         prefix: str | None = None,
         size_per_shard: int = 1024,
         use_async: bool = False,
-    ) -> None:
+    ) -> SaveHandle:
         """Save optimizer state: one file, or (``shard=True``) a folder of shards.
 
         Args:
@@ -184,12 +194,16 @@ class CheckpointIO(ABC):
             gather_dtensor: kept for ColossalAI's signature: files always hold full tensors.
             prefix: goes into file names, so saves with different prefixes share a folder.
             size_per_shard: the largest shard, in MiB.
-            use_async: stage into host buffers and write in the background (:meth:`wait`).
+            use_async: return before the state is copied, as :meth:`save_model`.
+
+        Returns:
+            The save's handle, as :meth:`save_model`.
         """
+        started = time.perf_counter()
         prefix, max_shard_bytes = check_prefix(prefix), _check_size_per_shard(size_per_shard)
         path = _check_path(checkpoint)
         self.wait()
-        self._save_optimizer(
+        handle = self._save_optimizer(
             optimizer,
             path,
             shard=bool(shard),
@@ -198,6 +212,7 @@ class CheckpointIO(ABC):
             max_shard_bytes=max_shard_bytes,
             use_async=bool(use_async),
         )
+        return _timed(handle, started, f"optimizer to {path}")
 
     def load_optimizer(
         self,
@@ -276,11 +291,59 @@ class CheckpointIO(ABC):
             saver = self.__dict__["_async_saver"] = AsyncSaver()
         return saver
 
+    @property
+    def last_save(self) -> SaveHandle | None:
+        """The handle of the last async save (``save_checkpoint`` returns a path, not its handle)."""
+        saver = self.__dict__.get("_async_saver")
+        return saver.handle if saver is not None else None
+
     def wait(self) -> None:
         """Block until every async save started by this object is durable; re-raise its error."""
         saver = self.__dict__.get("_async_saver")
         if saver is not None:
             saver.wait()
+
+    def wait_staged(self, obj: object = None) -> float:
+        """Block until the async save in flight has copied the state, after which it may change in
+        place. Never raises (a failed save raises from the next save or :meth:`wait`).
+
+        Args:
+            obj: a guarded model or optimizer: wait only for the copy of what it is about to
+                modify; None: for the whole state.
+
+        Returns:
+            The seconds waited.
+        """
+        saver = self.__dict__.get("_async_saver")
+        return saver.wait_staged(obj) if saver is not None else 0.0
+
+    def guard(self, model: nn.Module | None = None, optimizer: Optimizer | None = None) -> None:
+        """Make ``optimizer.step()`` and ``model``'s forward wait for an async save's copy of what
+        they modify (the optimizer's parameters and state; the model's buffers, e.g. BatchNorm's
+        running statistics), and copy those first. ``Booster.boost`` calls it.
+
+        Args:
+            model: the model whose forward waits, or None.
+            optimizer: the optimizer whose ``step()`` waits, or None.
+        """
+        guards = self.__dict__.setdefault("_guards", [])
+        for obj, register in (
+            (model, lambda o, hook: o.register_forward_pre_hook(hook, prepend=True)),
+            (optimizer, lambda o, hook: o.register_step_pre_hook(hook)),
+        ):
+            if obj is None or any(ref() is obj for ref in guards):
+                continue
+            guards.append(weakref.ref(obj))
+            register(obj, _StagingGuard(self))
+
+    def staging_progress(self) -> StagingProgress:
+        """The order of the next async save's copies: the guarded models' buffers first (their
+        forward comes first), then each guarded optimizer's parameters and state, then the rest."""
+        guarded = [ref() for ref in self.__dict__.get("_guards", [])]
+        models = [g for g in guarded if isinstance(g, nn.Module)]
+        optimizers = [g for g in guarded if g is not None and not isinstance(g, nn.Module)]
+        order = [(m, list(m.buffers())) for m in models] + [(o, _optimizer_tensors(o)) for o in optimizers]
+        return StagingProgress(StagingOrder(order))
 
     # ------------------------------------------------------------------ hooks
     @abstractmethod
@@ -305,3 +368,35 @@ class CheckpointIO(ABC):
 
     @abstractmethod
     def _load_lr_scheduler(self, lr_scheduler, checkpoint: str) -> None: ...
+
+
+def _timed(handle: SaveHandle | None, started: float, what: str) -> SaveHandle:
+    """The call's handle, with the time the call itself took (a hook without one gets a complete handle)."""
+    handle = handle if isinstance(handle, SaveHandle) else SaveHandle.completed(what)
+    handle.call_seconds = time.perf_counter() - started
+    return handle
+
+
+def _optimizer_tensors(optimizer: Optimizer) -> list[torch.Tensor]:
+    """What ``optimizer.step()`` modifies: its parameters and every tensor of its state."""
+    out = [p for group in optimizer.param_groups for p in group["params"]]
+    for state in optimizer.state.values():
+        out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+class _StagingGuard:
+    """The hook ``guard`` installs: waits, in the caller's thread, for the copy of what its model's
+    forward or its optimizer's step is about to modify. A pickled or deep-copied model or
+    optimizer gets an inert guard (a copy is not the live state of any save)."""
+
+    def __init__(self, io: CheckpointIO | None) -> None:
+        self._io = weakref.ref(io) if io is not None else None
+
+    def __call__(self, obj, *args) -> None:
+        io = self._io() if self._io is not None else None
+        if io is not None:
+            io.wait_staged(obj)
+
+    def __reduce__(self):
+        return (_StagingGuard, (None,))

@@ -4,9 +4,10 @@
 one: a plugin-less ``Booster`` in one process, or on the master alone of a multi-rank job.
 :class:`~ckptio.checkpoint_io.distributed.DistributedCheckpointIO` is the same class on a
 process group. Every save is a list of parts written into one commit
-(:func:`ckptio.engine.save.save_parts`); ``use_async=True`` stages the same parts and writes
-them on a background thread (:meth:`GeneralCheckpointIO.save_parts`), so sync and async, one
-rank and many, local and URL share one code path.
+(:func:`ckptio.engine.save.save_parts`); ``use_async=True`` takes references to the same parts'
+live tensors, then copies and writes them on a background thread
+(:meth:`GeneralCheckpointIO.save_parts`), so sync and async, one rank and many, local and URL
+share one code path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from ckptio.async_io.writer import SaveHandle
 from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.engine.group import Group, collective_step
 from ckptio.engine.load import load_state, match_files
@@ -28,7 +30,7 @@ from ckptio.engine.optimizer import (
     full_state_dict_on_master,
 )
 from ckptio.engine.optimizer import prepare_optimizer_load as read_optimizer_state
-from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, save_parts, stage_all
+from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, request_stages, save_parts, stage_all
 from ckptio.errors import StateMismatchError
 from ckptio.formats import colossal_optim
 from ckptio.formats import extra_state as extra_state_format
@@ -58,8 +60,9 @@ from ckptio.state.report import LoadReport
 class GeneralCheckpointIO(CheckpointIO):
     """Saves and loads on this process alone (a world of one), with the multi-rank engine.
 
-    ``use_async=True`` copies the state into reused host buffers and returns; a background
-    thread writes and commits it (``booster.wait()`` makes it durable). The ``*_part`` methods
+    ``use_async=True`` returns at once; a background thread copies the state into reused host
+    buffers (the boosted optimizer's ``step()`` and model's forward wait for the copies of what
+    they modify), then writes and commits it (``booster.wait()`` makes it durable). The ``*_part`` methods
     and :meth:`save_parts` are the extension points of a plugin's CheckpointIO and of
     ``ckptio.training.save_checkpoint``; the ``check_*`` / ``prepare_*`` ones check a load
     without changing anything. ``optimizer_layout`` (``"ckptio"`` or ``"colossalai"``) picks the
@@ -196,7 +199,7 @@ class GeneralCheckpointIO(CheckpointIO):
         use_async: bool = False,
         what: str = "checkpoint",
         reuse: Sequence[str] | None = (),
-    ) -> None:
+    ) -> SaveHandle:
         """Write ``parts`` into one commit of ``checkpoint`` over ``group`` (default: this IO's).
 
         Args:
@@ -205,27 +208,35 @@ class GeneralCheckpointIO(CheckpointIO):
             folder: a folder commit (False: exactly one part writes exactly one file).
             owns: which entries of an existing folder the save replaces (the rest are kept).
             group: the group the parts' collectives run on.
-            use_async: stage now and write in the background.
+            use_async: copy and write in the background.
             what: how messages name the save.
             reuse: committed folders whose unchanged files may be linked instead of written (see
                 :func:`ckptio.engine.save.save_parts`); None: none.
 
-        ``use_async``: stage now, write in the background; stays synchronous when a part cannot
-        be staged without collectives on its mesh (``Partial`` placements, strided shards) or no
-        background group can exist (a plugin on a subgroup). Every rank reaches the same answer.
+        ``use_async``: take references to the live tensors now, copy and write them on the
+        background thread; stays synchronous when a part cannot be staged without collectives on
+        its mesh (``Partial`` placements, strided shards) or no background group can exist (a
+        plugin on a subgroup). Every rank reaches the same answer.
+
+        Returns:
+            The save's handle (completed at once for a synchronous save).
         """
         group = group or self.group
         extra = self.manifest_extra()
         background = self.background_group(group) if use_async else None
         if background is None or not all(p.stageable() for p in parts):
             save_parts(checkpoint, parts, group, folder=folder, owns=owns, manifest_extra=extra, reuse=reuse)
-            return
-        self.async_saver.submit(
-            lambda staging: stage_all(parts, staging, group, background, what),
+            return SaveHandle.completed(what)
+        self.async_saver.wait()  # the previous save's buffers are free and its error raised before anything starts
+        requests = request_stages(parts, group, background, what)
+        progress = self.staging_progress()
+        return self.async_saver.submit(
+            lambda staging: stage_all(requests, staging, background, what, progress),
             lambda staged: save_parts(
                 checkpoint, staged, background, folder=folder, owns=owns, manifest_extra=extra, reuse=reuse
             ),
             what=what,
+            progress=progress,
         )
 
     # ------------------------------------------------------------------ model
@@ -233,8 +244,8 @@ class GeneralCheckpointIO(CheckpointIO):
         extra = hf_config_files(unwrap_model(model)) if opts.shard else {}
         part = self.model_part(model, opts, checkpoint=checkpoint, extra_files=extra)
         owns = model_owned_files(opts.prefix, extra)
-        self.save_parts(checkpoint, [part], folder=opts.shard, owns=owns, use_async=use_async,
-                        what=f"model to {checkpoint}")  # fmt: skip
+        return self.save_parts(checkpoint, [part], folder=opts.shard, owns=owns, use_async=use_async,
+                               what=f"model to {checkpoint}")  # fmt: skip
 
     def _load_model(
         self, model: nn.Module, checkpoint: str, *, strict, low_cpu_mem_mode, num_threads, verify, key_map,
@@ -261,8 +272,8 @@ class GeneralCheckpointIO(CheckpointIO):
             shard, prefix, max_shard_bytes, self.optimizer_layout, single_file_format(checkpoint)
         )
         part = self.optimizer_part(optimizer, opts, checkpoint=checkpoint)
-        self.save_parts(checkpoint, [part], folder=shard, owns=owned_files(prefix), use_async=use_async,
-                        what=f"optimizer to {checkpoint}")  # fmt: skip
+        return self.save_parts(checkpoint, [part], folder=shard, owns=owned_files(prefix), use_async=use_async,
+                               what=f"optimizer to {checkpoint}")  # fmt: skip
 
     def _load_optimizer(self, optimizer, checkpoint: str, *, low_cpu_mem_mode, num_threads, verify):
         # Checked and read on every rank first: no rank changes its optimizer unless every rank can.

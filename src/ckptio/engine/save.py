@@ -8,9 +8,11 @@ place, or a version prefix and a commit marker). :func:`save_parts` runs the ste
 rank of a group: the master's token travels to all, the master begins, every rank writes its
 parts, the master commits with every rank's records (or aborts if any rank failed).
 
-An async save first *stages* each part (:meth:`Part.stage`: a copy of what this rank
-contributes, in reused host buffers), then runs the same :func:`save_parts` on a background
-thread over a process group of its own. The same code writes sync and async, one rank or many.
+An async save asks each part, in the caller's thread, for what it would copy
+(:meth:`Part.stage_request`: references to what this rank contributes, no copy), then, on a
+background thread, copies it into reused host buffers (:func:`stage_all`, a collective step on
+the background group) and runs the same :func:`save_parts` on the copies over that group. The
+same code writes sync and async, one rank or many.
 """
 
 from __future__ import annotations
@@ -18,18 +20,29 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from ckptio.async_io.staging import Snapshot, StagingProgress, rebuild_tree, tree_snapshot
 from ckptio.engine.group import Group, collective_step
 from ckptio.engine.plan import FilePlan
 from ckptio.engine.spread import HeldSpread, SpreadOf
-from ckptio.engine.tensors import can_stage_parts, stage_parts
+from ckptio.engine.tensors import can_stage_parts, stage_parts, staged_parts
 from ckptio.engine.write import WriteSpec, replica_writer_of_each_key, write_state
 from ckptio.storage.atomic import new_token
 from ckptio.storage.base import FileRecord, FileWriter, ReuseIndex, check_abandoned
 from ckptio.storage.location import new_commit
 
 Metadata = Callable[[FilePlan], dict[str, bytes]]
+
+
+@dataclass
+class StageRequest:
+    """What one part of an async save needs copied (``snapshot``, None for a part that holds no
+    live tensors), and how to make the part that writes the copies (``build``)."""
+
+    snapshot: Snapshot | None
+    build: Callable[[dict[Any, Any]], Part]
 
 
 def _join(subdir: str, name: str) -> str:
@@ -52,9 +65,10 @@ class Part(ABC):
         return True
 
     @abstractmethod
-    def stage(self, staging, background: Group) -> Part:
-        """A copy of this part that no longer reads live state, its collectives on ``background``
-        (a part held by one process keeps its world of one)."""
+    def stage_request(self, background: Group) -> StageRequest:
+        """In the caller's thread: the live tensors this rank contributes (no copy yet), and how to
+        make from their copies a part that no longer reads live state, its collectives on
+        ``background`` (a part held by one process keeps its world of one)."""
 
 
 class TensorPart(Part):
@@ -96,7 +110,7 @@ class TensorPart(Part):
     def stageable(self) -> bool:
         return can_stage_parts(self.state)
 
-    def stage(self, staging, background: Group) -> TensorPart:
+    def stage_request(self, background: Group) -> StageRequest:
         writer_of = replica_writer_of_each_key(self.state, self.group)
         spread_of = SpreadOf(self.group.rank_of_global(), self.group.size)
         spreads = {}
@@ -104,12 +118,16 @@ class TensorPart(Part):
             spread = spread_of(t)
             # a replica is staged by its writer alone: the others hold nothing of it
             spreads[k] = HeldSpread(tuple(int(d) for d in t.shape), writer_of[k]) if spread == "whole" else spread
-        staged = stage_parts(staging, self.state, self.slot, writer_of, self.group.rank, spreads)
-        group = self.group if not self.group.active else background
-        return TensorPart(
-            staged, self.spec, group, subdir=self.subdir, metadata=self.metadata, slot=self.slot,
-            master_only=self.master_only, static=self.static,
-        )  # fmt: skip
+        needed = stage_parts(self.state, writer_of, self.group.rank)
+        state, group = self.state, self.group if not self.group.active else background
+
+        def build(copies: dict[Any, Any]) -> TensorPart:
+            return TensorPart(
+                staged_parts(state, copies, spreads), self.spec, group, subdir=self.subdir, metadata=self.metadata,
+                slot=self.slot, master_only=self.master_only, static=self.static,
+            )  # fmt: skip
+
+        return StageRequest(Snapshot.of(self.slot, needed), build)
 
 
 class FilesPart(Part):
@@ -126,8 +144,8 @@ class FilesPart(Part):
             return [writer.write(file_name, [data])]
         return [writer.write(_join(self.subdir, name), [data]) for name, data in self.files.items()]
 
-    def stage(self, staging, background: Group) -> FilesPart:
-        return self
+    def stage_request(self, background: Group) -> StageRequest:
+        return StageRequest(None, lambda copies: self)
 
 
 class CallbackPart(Part):
@@ -158,13 +176,17 @@ class CallbackPart(Part):
             group, "writing a gathered state", lambda: self.write_fn(writer, file_name, data) if not group.rank else []
         )
 
-    def stage(self, staging, background: Group) -> CallbackPart:
-        data = self._value()
-        copied = staging.stage_tree(data, self.slot) if data is not None else None
+    def stage_request(self, background: Group) -> StageRequest:
+        data = self._value()  # gathered now, on the caller's group: a collective with training's ranks
+        tree, snapshot = tree_snapshot(data, self.slot) if data is not None else (None, None)
         group = self.group if not self.group.active else background
-        part = CallbackPart(self.gather, self.write_fn, group, slot=self.slot, master_only=self.master_only)
-        part._data, part._gathered = copied, True
-        return part
+
+        def build(copies: dict[Any, Any]) -> CallbackPart:
+            part = CallbackPart(self.gather, self.write_fn, group, slot=self.slot, master_only=self.master_only)
+            part._data, part._gathered = (rebuild_tree(tree, copies) if tree is not None else None), True
+            return part
+
+        return StageRequest(snapshot, build)
 
 
 def save_parts(
@@ -231,8 +253,26 @@ def save_parts(
         raise
 
 
-def stage_all(parts: list[Part], staging, group: Group, background: Group, what: str) -> list[Part]:
-    """Copy what this rank contributes to every part (an async save's call), as one collective
-    step: one rank failing to copy raises on every rank, so no background thread waits for a
-    peer that never started."""
-    return collective_step(group, f"staging {what}", lambda: [p.stage(staging, background) for p in parts])
+def request_stages(parts: list[Part], group: Group, background: Group, what: str) -> list[StageRequest]:
+    """The call of an async save: what every part needs copied, no copy yet. One collective step
+    on the caller's ``group``: a part that cannot be staged (meta tensors, a failed gather)
+    raises from the call on every rank."""
+    return collective_step(
+        group, f"preparing the async save of {what}", lambda: [p.stage_request(background) for p in parts]
+    )
+
+
+def stage_all(
+    requests: list[StageRequest], staging, background: Group, what: str, progress: StagingProgress | None = None
+) -> list[Part]:
+    """On the background thread: copy what this rank contributes to every part into reused host
+    buffers (in ``progress``'s order, reporting to it), as one collective step on ``background``:
+    one rank failing to copy fails the save on every rank, so no rank's writer waits for a peer
+    that never started, and the error is raised on every rank by the next save or ``wait()``."""
+
+    def copy() -> list[Part]:
+        snapshots = [r.snapshot for r in requests if r.snapshot is not None]
+        copies = iter(staging.copy(snapshots, progress))
+        return [r.build(next(copies) if r.snapshot is not None else {}) for r in requests]
+
+    return collective_step(background, f"staging {what}", copy)

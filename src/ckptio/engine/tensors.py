@@ -144,34 +144,29 @@ def can_stage_parts(state: dict[str, torch.Tensor]) -> bool:
     )
 
 
-def stage_parts(
-    staging, state: dict[str, torch.Tensor], slot: str, writer_of: dict[str, int], rank: int, spreads: dict
-) -> dict[str, StagedPart]:
-    """Host copies of what this rank must contribute to a save of ``state`` (reused buffers).
-
-    A whole replica (a plain tensor under DDP, a replicated DTensor; the keys of ``writer_of``)
-    is staged only by the rank that writes it, so other ranks stage an empty placeholder holding
-    no box (the writer is then the only source of that tensor): host memory and copy time are
-    about 1/N of the state each. A sharded DTensor's box is always staged. Local work only, no
-    collective.
-    """
+def stage_parts(state: dict[str, torch.Tensor], writer_of: dict[str, int], rank: int) -> dict[str, torch.Tensor]:
+    """What this rank must copy for an async save of ``state``: its box of each sharded DTensor,
+    and the whole replicas (plain tensors under DDP, replicated DTensors; the keys of
+    ``writer_of``) that it writes itself. Other ranks stage nothing of a replica (the writer is
+    the only source of that tensor), so host memory and copy time are about 1/N of the state
+    each. Local work only, no collective, no copy."""
     refuse_meta(state)
-    regions = {k: local_region(t) for k, t in state.items()}
-    needed = {
-        k: (t.to_local() if is_dtensor(t) else t)
-        for k, t in state.items()
-        if k not in writer_of or writer_of[k] == rank
-    }
-    staged = staging.stage_tree(needed, slot)
-    nothing = {k: Region((0,) * t.dim(), (0,) * t.dim()) for k, t in state.items()}
-    return {
-        k: (
-            StagedPart(staged[k], t.shape, t.dtype, regions[k], spreads[k])
-            if k in staged
-            else StagedPart(torch.empty(0, dtype=t.dtype), t.shape, t.dtype, nothing[k], spreads[k])  # a replica
-        )
-        for k, t in state.items()
-    }
+    return {k: local_part(t) for k, t in state.items() if k not in writer_of or writer_of[k] == rank}
+
+
+def staged_parts(
+    state: dict[str, torch.Tensor], copies: dict[str, torch.Tensor], spreads: dict
+) -> dict[str, StagedPart]:
+    """The staged stand-ins of ``state``'s tensors: each key's host copy (from :func:`stage_parts`)
+    with its region, or an empty placeholder holding no box (a replica another rank writes)."""
+    out = {}
+    for k, t in state.items():
+        if k in copies:
+            out[k] = StagedPart(copies[k], t.shape, t.dtype, local_region(t), spreads[k])
+        else:
+            nothing = Region((0,) * t.dim(), (0,) * t.dim())
+            out[k] = StagedPart(torch.empty(0, dtype=t.dtype), t.shape, t.dtype, nothing, spreads[k])
+    return out
 
 
 def local_region(t: torch.Tensor) -> Region:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -119,9 +120,12 @@ def save_checkpoint(
     ``state_dict()`` / ``load_state_dict()`` by name (a ``GradScaler``, an EMA, a data loader),
     each saved as its state (tensors in safetensors, the rest as JSON, see
     :mod:`ckptio.training.stateful`) and restored by :func:`load_checkpoint` given the same
-    names. ``use_async=True`` returns once model
-    and optimizer are staged (on several ranks, each rank's own parts); the folder is written
-    and committed in the background (``booster.wait()`` makes it durable). Returns the path.
+    names. ``use_async=True`` returns before the state is copied: the
+    copy (on several ranks, each rank's own parts), then the folder, are written and committed in
+    the background (``booster.wait()`` makes it durable; ``booster.checkpoint_io.last_save`` is
+    the save's handle). The boosted optimizer's ``step()`` and model's forward wait for the copy
+    of what they modify; call ``booster.wait_staged()`` before changing anything else in place
+    (``stateful`` objects' tensors included). Returns the path.
     An existing ``epoch-E_step-S`` folder is replaced atomically, whichever run wrote it
     (:class:`ckptio.CheckpointManager` is what refuses to overwrite another run's checkpoints).
 
@@ -147,7 +151,7 @@ def save_checkpoint(
         sampler: a :class:`StatefulDistributedSampler` whose state is saved.
         size_per_shard: the largest shard, in MiB.
         use_safetensors: safetensors model shards (``torch.save`` ones when False).
-        use_async: stage now, write and commit in the background.
+        use_async: return before the state is copied; copy, write and commit in the background.
         extra_states: JSON values stored in ``running_states.json`` under ``extra_states``.
         stateful: ``{name: object}`` with ``state_dict``/``load_state_dict`` (an EMA, a data
             loader), saved under ``stateful/<name>`` and restored by :func:`load_checkpoint`.
@@ -157,6 +161,7 @@ def save_checkpoint(
     Returns:
         The checkpoint's path (a URL for a URL ``save_dir``).
     """
+    started = time.perf_counter()
     epoch, step, batch_size = _check_int("epoch", epoch), _check_int("step", step), _check_int("batch_size", batch_size)
     stateful = check_stateful(stateful)
     coordinator = coordinator or DistCoordinator()
@@ -196,11 +201,12 @@ def save_checkpoint(
     parts.append(FilesPart({rng.rng_file_name(group.rank): rng.rng_state_bytes(group.rank)}, master_only=False))
     parts.append(FilesPart({RUNNING_STATES: running_bytes}, master_only=True))
     reuse = _previous_checkpoint(save_dir, target) if reuse_unchanged else None
-    # use_async: booster.wait() makes it durable
-    io.save_parts(
+    # use_async: booster.wait() makes it durable; its handle is io.last_save
+    handle = io.save_parts(
         target, parts, folder=True, group=group, use_async=use_async, what=f"training checkpoint {target}",
         reuse=reuse,
     )  # fmt: skip
+    handle.call_seconds = time.perf_counter() - started
     return target if is_url(target) else Path(target)
 
 

@@ -11,6 +11,7 @@ links from their checkpoints, and its rotation deletes them while its own share 
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import random
@@ -57,15 +58,15 @@ def _kill_on(calls: int):
     """A wrapper of ``fn`` that SIGKILLs this process on its ``calls``-th call, after ``fn`` ran."""
 
     def wrap(fn, before=None):
-        count = [0]
+        count = itertools.count(1)  # thread-safe: the save's writer threads call fn at once
 
         def wrapped(*args, **kwargs):
-            count[0] += 1
-            if count[0] == calls and before is not None:
+            call = next(count)  # this call's own number (a shared counter read back could skip it)
+            if call == calls and before is not None:
                 before(*args)
                 os.kill(os.getpid(), signal.SIGKILL)
             out = fn(*args, **kwargs)
-            if count[0] == calls:
+            if call == calls:
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
 

@@ -86,7 +86,10 @@ def _save(split: str, ck) -> dict:
     _step(model, optimizer)
     io.save_model(model, ck / "model", shard=True, use_safetensors=True, size_per_shard=0.0003)
     io.save_optimizer(optimizer, ck / "optim", shard=True, size_per_shard=0.0003)
-    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "optim": full_optimizer_state(optimizer, model)}
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "optim": full_optimizer_state(optimizer, model),
+    }
 
 
 def _load(split: str, ck) -> dict:

@@ -299,8 +299,10 @@ class HybridParallelPlugin(Plugin):
                 raise ValueError(f"world size {world} is not divisible by {what}")
             dp_size = world // (tp_size * pp_size)
         if pp_size * dp_size * tp_size != world:
-            sizes = f"dp_size * tp_size = {dp_size} * {tp_size}" if pp_size == 1 else (
-                f"pp_size * dp_size * tp_size = {pp_size} * {dp_size} * {tp_size}"
+            sizes = (
+                f"dp_size * tp_size = {dp_size} * {tp_size}"
+                if pp_size == 1
+                else (f"pp_size * dp_size * tp_size = {pp_size} * {dp_size} * {tp_size}")
             )
             raise ValueError(f"{sizes} = {pp_size * dp_size * tp_size} != world size {world}")
         local_device()  # binds this rank's GPU before the mesh is built (a no-op on CPU)

@@ -141,6 +141,37 @@ class Booster:
         else:
             self.plugin.backward(loss, optimizer)
 
+    def execute_pipeline(
+        self,
+        data_iter: Any,
+        model: nn.Module,
+        criterion: Any,
+        optimizer: Optimizer | None = None,
+        return_loss: bool = True,
+        return_outputs: bool = False,
+    ) -> dict[str, Any]:
+        """Forward and backward of one batch through the pipeline stages of a plugin that has them
+        (``HybridParallelPlugin(pp_size > 1)``: see its ``execute_pipeline``); ColossalAI's call.
+
+        Args:
+            data_iter: an iterator of batches; every rank draws the next one.
+            model: the boosted model (this rank's stage).
+            criterion: ``(logits, labels) -> scalar loss`` of one micro-batch.
+            optimizer: the boosted optimizer (not stepped: call ``optimizer.step()`` after).
+            return_loss: return the loss (on the last stage).
+            return_outputs: return the last stage's outputs.
+
+        Returns:
+            ``{"loss": ..., "outputs": ...}`` (None where not asked or not on the last stage).
+        """
+        run = getattr(self.plugin, "execute_pipeline", None)
+        if run is None:
+            raise ValueError(
+                f"execute_pipeline needs a plugin with pipeline stages (HybridParallelPlugin(pp_size > 1)); "
+                f"this booster's plugin is {type(self.plugin).__name__ if self.plugin is not None else None}"
+            )
+        return run(data_iter, model, criterion, optimizer, return_loss, return_outputs)
+
     def no_sync(
         self, model: nn.Module | None = None, optimizer: Optimizer | None = None
     ) -> AbstractContextManager[None]:

@@ -31,6 +31,29 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def pipeline_llama(seed: int = 0) -> nn.Module:
+    """Four decoder layers (two per stage at pp=2), heads and sizes divisible by tp=2, untied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy (mean over tokens), as ``LlamaForCausalLM`` computes it."""
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
 def tiny_gpt2(seed: int = 0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -109,7 +109,7 @@ def _layout_errors() -> list[str]:
     from ckptio.plugins import HybridParallelPlugin
 
     messages = []
-    for kwargs in ({"tp_size": 3}, {"tp_size": 2, "dp_size": 2}, {"tp_size": 1, "pp_size": 2}):
+    for kwargs in ({"tp_size": 3}, {"tp_size": 2, "dp_size": 2}, {"tp_size": 1, "pp_size": 3}):
         try:
             HybridParallelPlugin(**kwargs)
         except ValueError as exc:
@@ -212,7 +212,7 @@ def test_hybrid_save_2x2_loads_everywhere(tmp_path):
     errors = results[0]["errors"]
     assert len(errors) == 3, errors
     assert "world size 2 is not divisible by tp_size=3" in errors[0]
-    assert "!= world size 2" in errors[1] and "pp_size=2" in errors[2]
+    assert "!= world size 2" in errors[1] and "pp_size * tp_size = 3 * 1" in errors[2]
 
     # GPT-2 (Conv1D MLP sharded with the Conv1D styles) trains like one process and loads
     from transformers import GPT2LMHeadModel

@@ -36,9 +36,15 @@ class DistributedCheckpointIO(GeneralCheckpointIO):
     Args:
         group: the process group whose ranks save and load together (None: the default group).
         layout: how the job is laid out (plugin, mesh shape), recorded in each folder's manifest.
+        keys_differ: the ranks hold different keys (pipeline stages, expert shards). Each key is
+            written from the ranks that hold it into one folder of the union of the keys (the
+            files any other layout writes); a load fills each rank's keys, and its report is the
+            whole model's (a checkpoint key is unexpected only when no rank takes it). Such saves
+            are synchronous; the optimizer is saved with ``shard=True`` (ckptio's layout).
     """
 
-    def __init__(self, group: Any = None, *, layout: dict[str, Any] | None = None) -> None:
+    def __init__(self, group: Any = None, *, layout: dict[str, Any] | None = None, keys_differ: bool = False) -> None:
         super().__init__()
         self.group = Group(group)
         self.layout = layout
+        self.keys_differ = keys_differ

@@ -28,10 +28,12 @@ from ckptio.engine.optimizer import (
     check_restorable_layout,
     flat_optimizer_state,
     full_state_dict_on_master,
+    unheld_parameters,
+    union_description,
 )
 from ckptio.engine.optimizer import prepare_optimizer_load as read_optimizer_state
 from ckptio.engine.save import CallbackPart, FilesPart, Part, TensorPart, request_stages, save_parts, stage_all
-from ckptio.errors import StateMismatchError
+from ckptio.errors import CheckpointError, StateMismatchError
 from ckptio.formats import colossal_optim
 from ckptio.formats import extra_state as extra_state_format
 from ckptio.layouts import lr_scheduler as lr_scheduler_layout
@@ -73,6 +75,9 @@ class GeneralCheckpointIO(CheckpointIO):
     #: default) or "colossalai" (ColossalAI's pytorch_optim.bin.index.json layout). Loading
     #: detects the layout. Set it on the instance: ``booster.checkpoint_io.optimizer_layout = "colossalai"``.
     optimizer_layout: str = "ckptio"
+    #: Whether the ranks hold different keys (pipeline stages, expert shards): saves write the
+    #: union of every rank's keys, loads fill each rank's keys and judge the whole model's fit.
+    keys_differ: bool = False
 
     def __init__(self) -> None:
         self.group = Group.of_one()
@@ -117,6 +122,7 @@ class GeneralCheckpointIO(CheckpointIO):
             slot="model",
             master_only=self.group.solo,
             static=frozenset(frozen),
+            keys_differ=self.keys_differ,
         )
 
     def optimizer_part(self, optimizer, opts: OptimizerSaveOptions, *, subdir: str = "", checkpoint=None) -> Part:
@@ -132,6 +138,8 @@ class GeneralCheckpointIO(CheckpointIO):
         if opts.shard and opts.layout == "ckptio":
             flat, description = flat_optimizer_state(optimizer)
             description = copy.deepcopy(description)  # the hyper-parameters of now, not after the next step
+            if self.keys_differ:
+                description = union_description(description, self.group)
             return TensorPart(
                 flat,
                 opts.write_spec(),
@@ -140,6 +148,13 @@ class GeneralCheckpointIO(CheckpointIO):
                 metadata=index_metadata(description, opts.prefix),
                 slot="optimizer",
                 master_only=self.group.solo,
+                keys_differ=self.keys_differ,
+            )
+        if self.keys_differ:
+            raise CheckpointError(
+                "each rank's optimizer holds different parameters (pipeline stages): save it with shard=True "
+                "in the ckptio layout (one file and ColossalAI's layout gather one rank's optimizer whole)",
+                path=checkpoint,
             )
         check_restorable_layout(optimizer)  # before any collective: the same verdict on every rank
         if not opts.shard and opts.single_file == "safetensors":
@@ -255,7 +270,7 @@ class GeneralCheckpointIO(CheckpointIO):
         report: LoadReport = load_state(
             dest, checkpoint, self.group, strict=strict, aliases=tied_aliases(dest), verify=verify,
             num_threads=num_threads, key_map=key_map, allow_dtype_cast=allow_dtype_cast,
-            extra=extra_state_modules(model),
+            extra=extra_state_modules(model), keys_differ=self.keys_differ,
         )  # fmt: skip
         return report
 
@@ -282,6 +297,14 @@ class GeneralCheckpointIO(CheckpointIO):
             f"reading the optimizer from {checkpoint}",
             lambda: self.prepare_optimizer_load(optimizer, checkpoint, verify=verify),
         )
+        if self.keys_differ:  # each rank checked its own parameters; none may be left over
+            unheld = unheld_parameters(optimizer, detect(checkpoint, "optimizer"), self.group)
+            if unheld:
+                raise StateMismatchError(
+                    f"optimizer checkpoint does not fit the optimizer: no rank's optimizer holds {unheld[:5]}"
+                    + (f" ({len(unheld)} in all)" if len(unheld) > 5 else ""),
+                    path=checkpoint,
+                )
         collective_step(self.group, f"loading the optimizer from {checkpoint}", load)
 
     # ------------------------------------------------------------------ lr scheduler
@@ -318,6 +341,8 @@ class GeneralCheckpointIO(CheckpointIO):
             detect(checkpoint, "model"), dest, tied_aliases(dest), key_map=key_map,
             allow_dtype_cast=allow_dtype_cast, extra=extra_state_modules(model),
         ).report  # fmt: skip
+        if self.keys_differ:  # other ranks take the keys this one lacks (checked by a collective load only)
+            report.unexpected_keys.clear()
         if strict and not report.ok:
             raise StateMismatchError(
                 f"checkpoint does not fit the model (strict=True): {report.describe()}", path=checkpoint, report=report
@@ -332,7 +357,8 @@ class GeneralCheckpointIO(CheckpointIO):
             checkpoint: a local path.
             verify: check every checksum of the manifest first.
         """
-        state = read_optimizer_state(optimizer, detect(checkpoint, "optimizer"), verify=verify)
+        located = detect(checkpoint, "optimizer")
+        state = read_optimizer_state(optimizer, located, verify=verify, partial=self.keys_differ)
         return lambda: apply_optimizer_load(optimizer, state, checkpoint)
 
     def prepare_lr_scheduler_load(self, lr_scheduler, checkpoint: str) -> Callable[[], None]:

@@ -18,6 +18,8 @@ the original exception.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import pickle
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -156,6 +158,23 @@ def collective_step(group: Group, name: str, fn: Callable[[], T], *, gather: boo
     outcomes = group.all_gather_object(outcome, what=name)
     raise_if_failed(group, name, outcomes, local_exc)
     return [o.value for o in outcomes] if gather else value
+
+
+def gather_distinct(group: Group, name: str, value: Any) -> list[Any]:
+    """Every rank's ``value`` (rank order), each distinct value sent once: one exchange of
+    digests, then only the first rank holding each value sends it. Ranks holding different keys
+    (pipeline stages) have a few distinct key lists among many ranks; gathering each from
+    every rank would cost ranks x keys on every rank. Every rank calls it; it catches no local
+    failure (call it once a collective step has succeeded on every rank)."""
+    if not group.active:
+        return [value]
+    digest = hashlib.sha1(pickle.dumps(value)).hexdigest()
+    digests = group.all_gather_object(digest, what=name)
+    first: dict[str, int] = {}
+    for rank, d in enumerate(digests):
+        first.setdefault(d, rank)
+    sent = group.all_gather_object(value if first[digest] == group.rank else None, what=name)
+    return [sent[first[d]] for d in digests]
 
 
 def report_errors(group: Group, name: str, local_error: BaseException | None) -> None:

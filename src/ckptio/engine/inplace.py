@@ -180,7 +180,9 @@ def _hash_pieces(state: dict, steps: list[Step], spreads, layouts: list[FileLayo
 
 
 def _hash_step(pieces: Pieces, state: dict, step: Step, spreads, rank: int) -> None:
-    t = state[step.key]
+    t = state.get(step.key)
+    if t is None:  # a key this rank does not hold (ranks holding different keys) puts nothing here
+        return
     if not step.gather:
         pieces.add(step.file, ("at", step.offset), _local_bytes(t, step.region))
         return
@@ -232,7 +234,8 @@ def write_in_place(
             if step.file in reused:
                 continue
             if step.gather:  # collective: every rank, same order, even after a local failure
-                full = gather_full(state[step.key], spreads[step.key], plan.owners[step.file], group)
+                owner, dtype = plan.owners[step.file], meta[step.key][0]
+                full = gather_full(state.get(step.key), spreads[step.key], owner, group, dtype)
                 if error is None:
                     try:
                         _hash_step(pieces, state, step, spreads, rank)

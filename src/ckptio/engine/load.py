@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ckptio.engine.group import Group, collective_step, peer_failure, report_errors
+from ckptio.engine.group import Group, collective_step, gather_distinct, peer_failure, report_errors
 from ckptio.engine.plan import replica_writers
 from ckptio.engine.reader import FileHeader, TensorFile, is_safetensors, read_header
 from ckptio.engine.tensors import is_dtensor, local_part, local_region
@@ -44,6 +44,7 @@ from ckptio.state.report import (
     describe_tensor,
     key_mapper,
     match_keys,
+    merge_reports,
     wrapper_prefix,
 )
 from ckptio.storage.reading import open_source
@@ -348,6 +349,7 @@ def load_state(
     key_map: KeyMap | None = None,
     allow_dtype_cast: bool = True,
     extra: dict[str, nn.Module] | None = None,
+    keys_differ: bool = False,
 ) -> LoadReport:
     """Load a model checkpoint (any supported layout, saved at any world size) into the live
     tensors ``dest`` in place; each rank reads only the boxes it holds. ``extra``: the modules
@@ -360,6 +362,11 @@ def load_state(
     takes its place (``torch.utils.swap_tensors``: the same Python object, so tied names, modules
     and optimizers that hold it see the loaded values), as ``load_state_dict(assign=True)``
     does; one the load does not write stays on ``meta`` (and is reported missing).
+
+    ``keys_differ``: the ranks' models hold different keys (pipeline stages): each rank loads the
+    keys it holds, and the report (the same on every rank) is the whole model's
+    (:func:`~ckptio.state.report.merge_reports`: a checkpoint key is unexpected only when no rank
+    takes it). Replicas are then read by every rank that holds them.
     """
     aliases = aliases or {}
     extra = extra or {}
@@ -370,6 +377,8 @@ def load_state(
         lambda: _plan_load(checkpoint, dest, aliases, verify, key_map, allow_dtype_cast, extra),
     )
     located = plan.located
+    if keys_differ:
+        plan.report = merge_reports(gather_distinct(group, f"comparing what {where} fits", plan.report))
     if strict and not plan.report.ok:
         raise StateMismatchError(
             f"checkpoint does not fit the model (strict=True): {plan.report.describe()}",
@@ -378,7 +387,7 @@ def load_state(
         )
     replacements = _cpu_replacements(dest, plan.per_file)
     targets = {k: replacements[id(t)][1] if id(t) in replacements else t for k, t in dest.items()}
-    readers = replica_readers(plan.per_file, targets, group)
+    readers = replica_readers(plan.per_file, targets, group) if not keys_differ else {}
     rank = group.rank
     mine = [(name, [(f, k) for f, k in todo if readers.get(k, rank) == rank]) for name, todo in plan.per_file]
     work = [(name, todo) for name, todo in mine if todo]

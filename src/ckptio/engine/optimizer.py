@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ckptio.engine.group import Group, peer_failure
+from ckptio.engine.group import Group, gather_distinct, peer_failure
 from ckptio.engine.reader import DcpFile, TensorFile
 from ckptio.engine.tensors import is_dtensor, local_region
 from ckptio.errors import CheckpointCorruptError, CheckpointFormatError
@@ -185,14 +185,36 @@ class StateTensorReader:
         self._open.clear()
 
 
-def prepare_optimizer_load(optimizer: torch.optim.Optimizer, located: Located, *, verify: bool = False):
+def union_description(description: dict[str, Any], group: Group) -> dict[str, Any]:
+    """The description of the whole optimizer when the ranks hold different parameters (pipeline
+    stages): every rank's, each distinct one sent once, merged in rank order. Collective."""
+    descriptions = gather_distinct(group, "exchanging the optimizers' parameter groups", description)
+    distinct = list({id(d): d for d in descriptions}.values())
+    return ostate.merge_descriptions(distinct) if len(distinct) > 1 else description
+
+
+def unheld_parameters(optimizer: torch.optim.Optimizer, located: Located, group: Group) -> list[str]:
+    """Saved parameters no rank's optimizer holds (ranks holding different parameters; the same
+    list on every rank). Collective."""
+    names = ostate.param_names(optimizer) or []
+    held = gather_distinct(group, "exchanging the optimizers' parameters", names)
+    held_anywhere = {n for per_rank in held for n in per_rank}
+    saved, _ = read_saved(located)
+    return [p for g in saved.groups for p in g["params"] if p not in held_anywhere]
+
+
+def prepare_optimizer_load(
+    optimizer: torch.optim.Optimizer, located: Located, *, verify: bool = False, partial: bool = False
+):
     """Everything a load checks before the optimizer is changed, in any layout: the files, the
     fit of the saved optimizer to the live one (names, groups, shapes), and the state tensors
-    this rank needs, read. Returns the ``state_dict`` to hand to :func:`apply_optimizer_load`."""
+    this rank needs, read. Returns the ``state_dict`` to hand to :func:`apply_optimizer_load`.
+    ``partial``: the optimizer holds some of the saved parameters (a pipeline stage)."""
     if located.layout == "dcp":
         return _prepare_dcp_load(optimizer, located)
     saved, weight_map = read_saved(located, verify=verify)
-    skeleton, params = ostate.match_saved_to_live(saved, optimizer, ostate.param_names(optimizer))
+    names = ostate.param_names(optimizer)
+    skeleton, params = ostate.match_saved_to_live(saved, optimizer, names, partial=partial)
     if weight_map is not None:
         reader = StateTensorReader(located.folder, weight_map)
         try:

@@ -15,7 +15,7 @@ same inputs without talking.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from ckptio.engine.split import assign_owners, split_greedy
@@ -83,8 +83,21 @@ def plan_files(
     return FilePlan(files, owners, total, True)
 
 
-def replica_writers(sizes: Sequence[tuple[str, int]], world_size: int) -> dict[str, int]:
+def replica_writers(
+    sizes: Sequence[tuple[str, int]], world_size: int, holders: Mapping[str, Collection[int]] | None = None
+) -> dict[str, int]:
     """Which rank writes (or reads) each tensor every rank holds whole: byte-balanced, largest
-    first, ties to the lowest rank, so every rank computes the same answer without talking."""
-    owners = assign_owners([n for _, n in sizes], world_size)
-    return {key: owner for (key, _), owner in zip(sizes, owners)}
+    first, ties to the lowest rank, so every rank computes the same answer without talking.
+    ``holders``: the ranks that hold a key only some ranks hold (the writer is one of them)."""
+    if not holders:
+        owners = assign_owners([n for _, n in sizes], world_size)
+        return {key: owner for (key, _), owner in zip(sizes, owners)}
+    load = [0] * world_size
+    out: dict[str, int] = {}
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i][1], i)):
+        key, size = sizes[index]
+        candidates = holders.get(key) or range(world_size)
+        writer = min(candidates, key=lambda r: (load[r], r))
+        load[writer] += size
+        out[key] = writer
+    return out

@@ -75,7 +75,8 @@ class TensorPart(Part):
     """A ``{name: tensor}`` state (model weights, an optimizer's state tensors) written through
     the engine, then ``metadata(plan)`` files (index, ``config.json``) by the group's master.
     ``static``: the keys that do not change between saves (frozen parameters), planned into
-    shards of their own."""
+    shards of their own. ``keys_differ``: the ranks hold different keys (pipeline stages); such
+    a part saves synchronously (staging decides who writes a replica without the other ranks' keys)."""
 
     def __init__(
         self,
@@ -88,14 +89,17 @@ class TensorPart(Part):
         slot: str = "model",
         master_only: bool = False,
         static: frozenset[str] = frozenset(),
+        keys_differ: bool = False,
     ) -> None:
         self.state, self.spec, self.group, self.subdir = state, spec, group, subdir
         self.metadata, self.slot, self.master_only, self.static = metadata, slot, master_only, static
+        self.keys_differ = keys_differ
 
     def write(self, writer: FileWriter, file_name: str | None) -> list[FileRecord]:
         plan, records = write_state(
-            self.state, writer, self.spec, self.group, subdir=self.subdir, file_name=file_name, static=self.static
-        )
+            self.state, writer, self.spec, self.group, subdir=self.subdir, file_name=file_name, static=self.static,
+            keys_differ=self.keys_differ,
+        )  # fmt: skip
         if self.metadata is None:
             return records
         group, subdir, metadata = self.group, self.subdir, self.metadata
@@ -108,7 +112,7 @@ class TensorPart(Part):
         return records + collective_step(group, f"writing the index of {self.spec.weights_name}", write_metadata)
 
     def stageable(self) -> bool:
-        return can_stage_parts(self.state)
+        return not self.keys_differ and can_stage_parts(self.state)
 
     def stage_request(self, background: Group) -> StageRequest:
         writer_of = replica_writer_of_each_key(self.state, self.group)

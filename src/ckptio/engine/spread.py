@@ -14,6 +14,7 @@ coordinate 0 on those dimensions writes it or sends it, so each box is written o
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -72,12 +73,16 @@ def _nothing(shape: tuple[int, ...]) -> Region:
 @dataclass(frozen=True)
 class WholeSpread(Spread):
     """Every rank holds the whole tensor (a plain tensor under DDP or one process, a DTensor
-    replicated over the whole group); ``writer`` writes or sends it."""
+    replicated over the whole group); ``writer`` writes or sends it. ``holders``: where only
+    some ranks hold the key at all (pipeline stages), those ranks (None: every rank)."""
 
     shape: tuple[int, ...]
     writer: int
+    holders: frozenset[int] | None = None
 
     def box(self, rank: int) -> Region:
+        if self.holders is not None and rank not in self.holders:
+            return _nothing(self.shape)
         return _whole(self.shape)
 
     def writes(self, rank: int) -> bool:
@@ -239,6 +244,47 @@ class ExchangedSpread(Spread):
             if region.numel and key not in seen:
                 seen[key] = rank
         return [(rank, self.regions[rank]) for rank in sorted(seen.values())]
+
+
+@dataclass(frozen=True, eq=False)
+class AmongSpread(Spread):
+    """A tensor only ``holders`` hold (ranks holding different keys: pipeline stages): ``inner``'s
+    boxes on those ranks, nothing elsewhere. ``inner`` is worked out on the root mesh, whose other
+    dimensions it takes for replicas (true within a stage, not across stages), so each distinct
+    box is written or sent by its lowest holder."""
+
+    inner: Spread
+    holders: frozenset[int]
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.inner.shape
+
+    def box(self, rank: int) -> Region:
+        return self.inner.box(rank) if rank in self.holders else _nothing(self.shape)
+
+    def writes(self, rank: int) -> bool:
+        return rank in self._writers
+
+    def sources(self) -> list[tuple[int, Region]]:
+        return self._sources
+
+    @functools.cached_property
+    def _sources(self) -> list[tuple[int, Region]]:
+        seen: dict[tuple, tuple[int, Region]] = {}
+        for rank in sorted(self.holders):
+            region = self.inner.box(rank)
+            if region.numel:
+                seen.setdefault((region.offset, region.shape), (rank, region))
+        return sorted(seen.values(), key=lambda item: item[0])
+
+    @functools.cached_property
+    def _writers(self) -> frozenset[int]:
+        return frozenset(rank for rank, _ in self._sources)
+
+    @property
+    def contiguous(self) -> bool:
+        return self.inner.contiguous
 
 
 def describe(spread: Spread | str | None) -> object:

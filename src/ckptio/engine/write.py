@@ -35,9 +35,9 @@ from ckptio.engine.gather import gather_full
 from ckptio.engine.group import Group, collective_step, report_errors
 from ckptio.engine.inplace import write_in_place
 from ckptio.engine.plan import FilePlan, plan_files, replica_writers
-from ckptio.engine.spread import ExchangedSpread, Spread, SpreadOf, WholeSpread
+from ckptio.engine.spread import AmongSpread, ExchangedSpread, Spread, SpreadOf, WholeSpread
 from ckptio.engine.spread import describe as describe_spread
-from ckptio.engine.tensors import Deferred, is_dtensor, local_region, refuse_meta, without_partial
+from ckptio.engine.tensors import Deferred, Region, is_dtensor, local_region, refuse_meta, without_partial
 from ckptio.errors import CheckpointError
 from ckptio.formats import extra_state as extra_state_format
 from ckptio.formats import safetensors_format, torch_format
@@ -82,11 +82,13 @@ class WriteSpec:
 class Described:
     """What every rank knows about a state to save, with no rank's details gathered: keys,
     dtypes and full shapes (the same everywhere, checked through one digest) and, per key,
-    how the ranks hold it (:mod:`ckptio.engine.spread`)."""
+    how the ranks hold it (:mod:`ckptio.engine.spread`). ``static``: the keys of every rank
+    that do not change between saves."""
 
     keys: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
     spreads: dict[str, Spread]
     digest: str
+    static: frozenset[str] = frozenset()
 
 
 def _signature(state: dict, spread_of: SpreadOf, static: Collection[str]) -> tuple[list, dict]:
@@ -97,10 +99,15 @@ def _signature(state: dict, spread_of: SpreadOf, static: Collection[str]) -> tup
     return keys, local
 
 
-def describe(state: dict, group: Group, static: Collection[str] = ()) -> Described:
+def describe(state: dict, group: Group, static: Collection[str] = (), *, keys_differ: bool = False) -> Described:
     """Collective. Every rank exchanges one digest of its keys, shapes and layouts (O(ranks),
     not ranks x tensors); only tensors whose boxes cannot be worked out locally (strided
-    layouts) have their boxes gathered. Ranks that disagree fail together, naming the keys."""
+    layouts) have their boxes gathered. Ranks that disagree fail together, naming the keys.
+
+    ``keys_differ``: ranks may hold different keys (pipeline stages, expert shards). Ranks that
+    hold the same keys send one digest alike, so the keys travel once per distinct digest (once
+    per stage, not per rank); the state saved is their union, in the order of the first rank
+    holding each key (stage order: the full model's), each key held by the ranks that sent it."""
     refuse_meta(state)
     spread_of = SpreadOf(group.rank_of_global(), group.size)
     keys, local = _signature(state, spread_of, static)
@@ -108,26 +115,63 @@ def describe(state: dict, group: Group, static: Collection[str] = ()) -> Describ
         _check_world_of_one(state, local)
     digest = hashlib.sha1(repr(keys).encode()).hexdigest()
     digests = collective_step(group, "describing the state to save", lambda: digest, gather=True)
+    holders: dict[str, frozenset[int]] = {}
     if len(set(digests)) > 1:
-        _raise_disagreement(group, keys, digests)
-    exchange = [k for k, spread in local.items() if spread is None]
+        if not keys_differ:
+            _raise_disagreement(group, keys, digests)
+        keys, local, holders = _union(group, keys, local, digests)
+        digest = hashlib.sha1(repr(digests).encode()).hexdigest()
+    exchange = [k for k, _, _, spread, _ in keys if spread is None]
     regions = {}
-    if exchange:  # the same keys on every rank: the digests agree
-        mine = {k: local_region(state[k]) for k in exchange}
+    if exchange:  # the same on every rank: from the digests or the union
+        mine = {k: local_region(state[k]) for k in exchange if k in state}
         gathered = collective_step(group, "exchanging the boxes of strided layouts", lambda: mine, gather=True)
-        regions = {k: [g[k] for g in gathered] for k in exchange}
-    whole = [(k, torch.Size(shape).numel() * _dtype(dt).itemsize) for k, dt, shape, *_ in keys if local[k] == "whole"]
-    writers = replica_writers(whole, group.size)
+        regions = {k: [g.get(k) for g in gathered] for k in exchange}  # None: a rank without the key
+    whole = [(k, torch.Size(shape).numel() * _dtype(dt).itemsize) for k, dt, shape, s, _ in keys if s == "whole"]
+    writers = replica_writers(whole, group.size, holders)
     spreads: dict[str, Spread] = {}
     for k, _, shape, *_ in keys:
         spread = local[k]
+        among = holders.get(k)
         if spread == "whole":
-            spreads[k] = WholeSpread(shape, writers[k])
-        elif spread is None:
-            spreads[k] = ExchangedSpread(shape, tuple(regions[k]))
-        else:
-            spreads[k] = spread
-    return Described(tuple((k, _dtype(dt), shape) for k, dt, shape, *_ in keys), spreads, digest)
+            spreads[k] = WholeSpread(shape, writers[k], among)
+            continue
+        if spread is None:
+            nothing = Region((0,) * len(shape), (0,) * len(shape))
+            spread = ExchangedSpread(shape, tuple(r if r is not None else nothing for r in regions[k]))
+        spreads[k] = AmongSpread(spread, among) if among is not None else spread
+    static_keys = frozenset(k for k, *_, is_static in keys if is_static)
+    return Described(tuple((k, _dtype(dt), shape) for k, dt, shape, *_ in keys), spreads, digest, static_keys)
+
+
+def _union(group: Group, keys: list, local: dict, digests: list[str]) -> tuple[list, dict, dict]:
+    """Every rank's keys, sent once per distinct digest: the union's signature (first holder's
+    order), every key's spread (a non-holder rebuilds it from the sender's), and its holders."""
+    first: dict[str, int] = {}
+    for rank, d in enumerate(digests):
+        first.setdefault(d, rank)
+    sender = first[digests[group.rank]] == group.rank
+    payload = [(entry, local[entry[0]]) for entry in keys] if sender else None
+    sent = collective_step(group, "exchanging the keys each rank holds", lambda: payload, gather=True)
+    merged: dict[str, tuple] = {}
+    spreads: dict[str, Spread | str | None] = {}
+    holders: dict[str, frozenset[int]] = {}
+    for d, rank in first.items():
+        ranks = frozenset(r for r, other in enumerate(digests) if other == d)
+        for entry, spread in sent[rank]:
+            key = entry[0]
+            if key not in merged:
+                merged[key], spreads[key], holders[key] = entry, local.get(key, spread), ranks
+                continue
+            if merged[key] != entry or entry[3] != "whole":
+                raise CheckpointError(
+                    f"{key} is held by ranks {sorted(holders[key])[:8]} and {sorted(ranks)[:8]} in different dtypes, "
+                    "shapes or layouts; a key several groups of ranks hold must be the same plain tensor on all"
+                )
+            holders[key] |= ranks
+    everyone = frozenset(range(group.size))
+    holders = {k: v for k, v in holders.items() if v != everyone}
+    return list(merged.values()), spreads, holders
 
 
 def _check_world_of_one(state: dict, local: dict) -> None:
@@ -209,6 +253,7 @@ def write_state(
     subdir: str = "",
     file_name: str | None = None,
     static: Collection[str] = (),
+    keys_differ: bool = False,
 ) -> tuple[FilePlan, list[FileRecord]]:
     """Describe, plan and write ``state`` into a staging ``writer`` that every rank shares.
 
@@ -222,10 +267,12 @@ def write_state(
     (:attr:`FileWriter.reuse`), not written; the content decides, the hint only says which
     files are worth hashing first: the others hold trained tensors or optimizer state, which
     every optimizer step changes, so they are written without that extra pass.
+    ``keys_differ``: the ranks may hold different keys (see :func:`describe`); each key is
+    written from the ranks that hold it, into the files the union of the keys gives.
     """
     state = {k: without_partial(v) for k, v in state.items()}
-    static = frozenset(k for k in static if k in state)
-    described = describe(state, group, static)
+    described = describe(state, group, frozenset(k for k in static if k in state), keys_differ=keys_differ)
+    static = described.static
     plan = _plan(described.keys, spec, group.size, described.digest, static)
     prefix = f"{subdir}/" if subdir else ""
     replicas_only = all(isinstance(s, WholeSpread) for s in described.spreads.values())
@@ -238,7 +285,10 @@ def write_state(
         metadata = spec.one_file_metadata() if not plan.sharded else SAFETENSORS_METADATA
         records = write_in_place(state, plan, meta, described.spreads, writer, group, names, metadata, static)
     else:
-        records, error = _write_files(state, plan, described.spreads, writer, spec, group, prefix, file_name, static)
+        dtypes = {k: dt for k, dt, _ in described.keys}
+        records, error = _write_files(
+            state, plan, described.spreads, writer, spec, group, prefix, file_name, static, dtypes
+        )  # fmt: skip
         report_errors(group, f"writing {spec.weights_name} files", error)
     return plan, [dataclasses.replace(r, holds_tensors=True) for r in records]
 
@@ -251,7 +301,9 @@ def _rounds(plan: FilePlan, world: int) -> list[list[int]]:
     return [[files[i] for files in per_owner if i < len(files)] for i in range(depth)]
 
 
-def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group: Group, prefix, file_name, static):
+def _write_files(
+    state, plan: FilePlan, spreads, writer, spec: WriteSpec, group: Group, prefix, file_name, static, dtypes
+):  # fmt: skip
     """The write loop: collect this round's files on their owners, then every owner hands its
     file to a writer thread. A local failure stops this rank's writing but not its part in the
     collectives; the error is reported after the loop."""
@@ -284,7 +336,7 @@ def _write_files(state, plan: FilePlan, spreads, writer, spec: WriteSpec, group:
                 (name, keys), owner = plan.files[index], plan.owners[index]
                 tensors = []
                 for key in keys:
-                    full = gather_full(state[key], spreads[key], owner, group)
+                    full = gather_full(state.get(key), spreads[key], owner, group, dtypes[key])
                     if full is not None:
                         tensors.append((key, full))
                 if owner == rank:

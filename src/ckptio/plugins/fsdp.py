@@ -20,11 +20,15 @@ def default_shard_classes(model: nn.Module) -> set[str]:
     return set(getattr(model, "_no_split_modules", None) or ())
 
 
-def rebind_optimizer(optimizer: torch.optim.Optimizer, old_names: dict[int, str], model: nn.Module) -> None:
+def rebind_optimizer(
+    optimizer: torch.optim.Optimizer, old_names: dict[int, str], model: nn.Module, *, drop_absent: bool = False
+) -> None:
     """Point every param group at the model's current (sharded) parameters, in place.
 
     Users build the optimizer on the unsharded model; ``fully_shard`` replaces the
     parameters, so the groups are rewritten by parameter name, keeping every setting.
+    ``drop_absent``: parameters the model no longer holds (another pipeline stage's) leave
+    their group (which stays, maybe empty: every stage keeps the same groups).
     """
     if any(optimizer.state.values()):
         raise ValueError(
@@ -35,6 +39,8 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, old_names: dict[int, str]
         params = []
         for p in group["params"]:
             name = old_names.get(id(p))
+            if drop_absent and name is not None and name not in current:
+                continue
             if name is None or name not in current:
                 raise ValueError("the optimizer holds a parameter that is not part of the boosted model")
             params.append(current[name])

@@ -1,5 +1,7 @@
 """HybridParallelPlugin: tensor parallel inside a ``tp`` group x FSDP2 data parallel across
-``dp``, on one 2-D ``DeviceMesh`` (``("dp", "tp")``), with PyTorch's own DTensor APIs.
+``dp``, on one 2-D ``DeviceMesh`` (``("dp", "tp")``), with PyTorch's own DTensor APIs; with
+``pp_size > 1``, pipeline stages outermost (``("pp", "dp", "tp")``), each stage a contiguous
+slice of the decoder run by ``torch.distributed.pipelining`` (:mod:`ckptio.plugins.pipeline`).
 
 Tensor parallel is :func:`torch.distributed.tensor.parallel.parallelize_module` with a plan
 ``{module-name pattern: ParallelStyle}`` (patterns use ``fnmatch``: ``*`` matches any
@@ -8,14 +10,15 @@ characters, dots included). The user passes one, or gets the default plan of a k
 ``dp`` dimension. Every parameter is then a DTensor whose placements say which box of the
 full tensor each rank holds, so checkpoints need no layout code of their own: they go
 through :class:`~ckptio.checkpoint_io.distributed.DistributedCheckpointIO` and load on any
-other ``(dp, tp)``, in one process, or in ``transformers``.
+other ``(dp, tp)``, in one process, or in ``transformers``. Pipeline stages hold different keys
+under the full model's names; their IO saves the union into the same one folder.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -27,6 +30,7 @@ from ckptio.checkpoint_io.base import CheckpointIO
 from ckptio.checkpoint_io.distributed import DistributedCheckpointIO
 from ckptio.plugins.base import Plugin
 from ckptio.plugins.fsdp import default_shard_classes, rebind_optimizer
+from ckptio.plugins.pipeline import STYLES, PipelineRunner, batch_parts, check_pipeline_model, split_stage
 from ckptio.plugins.precision import (
     cast_parameters,
     check_max_norm,
@@ -202,13 +206,18 @@ def resolve_tp_plan(model: nn.Module, plan: Mapping[str, Any], tp_size: int) -> 
 
 
 class HybridParallelPlugin(Plugin):
-    """Tensor parallel x FSDP2 data parallel on a 2-D ``("dp", "tp")`` ``DeviceMesh``.
+    """Tensor parallel x FSDP2 data parallel on a 2-D ``("dp", "tp")`` ``DeviceMesh``, and
+    pipeline stages on a ``("pp", "dp", "tp")`` one when ``pp_size > 1``.
 
     Args:
         tp_size: ranks per tensor-parallel group (neighbouring ranks: put them in one node).
-        pp_size: pipeline stages; only 1 is supported (accepted for ColossalAI-style calls).
-        dp_size: data-parallel size; default ``world_size // tp_size``. ``dp_size * tp_size``
-            must equal the world size.
+        pp_size: pipeline stages (outermost mesh dimension). Above 1, ``boost()`` keeps on each
+            rank a contiguous slice of a ``transformers`` Llama decoder's layers (embeddings on the
+            first stage, final norm and ``lm_head`` on the last; tied embeddings are refused),
+            under the full model's parameter names, and training steps go through
+            :meth:`execute_pipeline`.
+        dp_size: data-parallel size; default ``world_size // (pp_size * tp_size)``.
+            ``pp_size * dp_size * tp_size`` must equal the world size.
         tp_plan: ``{module-name pattern: ParallelStyle}``; default :func:`default_tp_plan`
             (Llama and GPT-2 ``transformers`` models).
         shard_classes: class names that become their own FSDP unit (default: the model's
@@ -224,11 +233,19 @@ class HybridParallelPlugin(Plugin):
             after forward.
         max_norm: clip the gradient norm to this in ``optimizer.step()`` (0: no clipping).
         norm_type: the norm clipped (2: Euclidean; ``inf``: the largest value).
+        num_microbatches: micro-batches per pipeline step (default: ``batch // microbatch_size``
+            when that is given, else ``pp_size``).
+        microbatch_size: sequences per micro-batch (used when ``num_microbatches`` is None).
+        pp_style: the pipeline schedule: ``"1f1b"`` (ColossalAI's default; ``Schedule1F1B``) or
+            ``"gpipe"`` (``ScheduleGPipe``).
 
     ``boost()`` accepts the model and optimizer as built for one process; the optimizer is
     rebound by parameter name to the sharded parameters, keeping every group's settings.
     Checkpoints are Hugging Face folders of full tensors (each written by one owner rank,
-    balanced by bytes) and record the mesh in their manifest for inspection only.
+    balanced by bytes) and record the mesh in their manifest for inspection only. With pipeline
+    stages each key is written by the stage holding it, into the same one folder (and optimizer
+    state by parameter name): it loads at any other ``(pp, dp, tp)``, in one process and in
+    ``transformers``. Pipeline saves are synchronous (``use_async`` is accepted and waits).
     """
 
     def __init__(
@@ -244,6 +261,9 @@ class HybridParallelPlugin(Plugin):
         zero_stage: int = 0,
         max_norm: float = 0.0,
         norm_type: float = 2.0,
+        num_microbatches: int | None = None,
+        microbatch_size: int | None = None,
+        pp_style: str = "1f1b",
     ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -263,32 +283,49 @@ class HybridParallelPlugin(Plugin):
                 f"HybridParallelPlugin: fsdp_kwargs sets {clash}, which precision={precision!r} / "
                 f"zero_stage={zero_stage!r} also set; pass one or the other"
             )
-        if pp_size != 1:
-            raise ValueError(f"pp_size={pp_size}: pipeline parallel is not supported; use pp_size=1")
-        if not isinstance(tp_size, int) or tp_size < 1:
-            raise ValueError(f"tp_size must be a positive int, got {tp_size!r}")
+        for name, value in (("tp_size", tp_size), ("pp_size", pp_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("num_microbatches", num_microbatches), ("microbatch_size", microbatch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if pp_style not in STYLES:
+            raise ValueError(f"pp_style={pp_style!r}: expected one of {list(STYLES)}")
         ensure_process_group()
         world = dist.get_world_size()
         if dp_size is None:
-            if world % tp_size:
-                raise ValueError(f"world size {world} is not divisible by tp_size={tp_size}")
-            dp_size = world // tp_size
-        if dp_size * tp_size != world:
-            raise ValueError(f"dp_size * tp_size = {dp_size} * {tp_size} = {dp_size * tp_size} != world size {world}")
+            if world % (tp_size * pp_size):
+                what = f"tp_size={tp_size}" if pp_size == 1 else f"pp_size * tp_size = {pp_size} * {tp_size}"
+                raise ValueError(f"world size {world} is not divisible by {what}")
+            dp_size = world // (tp_size * pp_size)
+        if pp_size * dp_size * tp_size != world:
+            sizes = (
+                f"dp_size * tp_size = {dp_size} * {tp_size}"
+                if pp_size == 1
+                else (f"pp_size * dp_size * tp_size = {pp_size} * {dp_size} * {tp_size}")
+            )
+            raise ValueError(f"{sizes} = {pp_size * dp_size * tp_size} != world size {world}")
         local_device()  # binds this rank's GPU before the mesh is built (a no-op on CPU)
-        self.dp_size, self.tp_size = dp_size, tp_size
-        self.mesh = init_device_mesh(device_type(), (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+        self.dp_size, self.tp_size, self.pp_size = dp_size, tp_size, pp_size
+        if pp_size == 1:
+            self.mesh = init_device_mesh(device_type(), (dp_size, tp_size), mesh_dim_names=("dp", "tp"))
+            self.stage = 0
+        else:
+            shape = (pp_size, dp_size, tp_size)
+            self.mesh = init_device_mesh(device_type(), shape, mesh_dim_names=("pp", "dp", "tp"))
+            self.stage = self.mesh.get_local_rank("pp")
+        self.num_microbatches, self.microbatch_size, self.pp_style = num_microbatches, microbatch_size, pp_style
         self.tp_plan = None if tp_plan is None else dict(tp_plan)
         self.shard_classes = None if shard_classes is None else set(shard_classes)
         self.fsdp_kwargs = {**derived, **(fsdp_kwargs or {})}
         self.precision, self.zero_stage, self.max_norm, self.norm_type = precision, zero_stage, max_norm, norm_type
-        self._io = DistributedCheckpointIO(layout=self.layout())
+        self._io = DistributedCheckpointIO(layout=self.layout(), keys_differ=pp_size > 1)
 
     def layout(self) -> dict[str, Any]:
         """What the checkpoint records about how it was saved (never checked on load)."""
         return {
             "plugin": type(self).__name__,
-            "mesh_shape": {"dp": self.dp_size, "tp": self.tp_size},
+            "mesh_shape": dict(zip(self.mesh.mesh_dim_names, self.mesh.shape)),
             "torch_version": torch.__version__,
         }
 
@@ -317,11 +354,23 @@ class HybridParallelPlugin(Plugin):
     def configure(self, model: nn.Module, optimizer: Any, criterion: Any, dataloader: Any, lr_scheduler: Any):
         if not getattr(model, "_ckptio_hybrid", False):
             old_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+            if self.pp_size > 1:
+                check_pipeline_model(model, self.pp_size)
+                if optimizer is not None and any(optimizer.state.values()):
+                    raise ValueError(
+                        "the optimizer already has state (it has stepped); boost() it before the first optimizer.step()"
+                    )
+                split_stage(model, self.stage, self.pp_size)  # names stay the full model's
             cast_parameters(model, self.precision, master_weights=True)
             model = self.parallelize(model.to(local_device()))
             model._ckptio_hybrid = True
+            if self.pp_size > 1:
+                group = self.mesh["pp"].get_group()
+                model._ckptio_pipeline = PipelineRunner(
+                    model, self.stage, self.pp_size, group, local_device(), self.pp_style
+                )  # fmt: skip
             if optimizer is not None:
-                rebind_optimizer(optimizer, old_names, model)
+                rebind_optimizer(optimizer, old_names, model, drop_absent=self.pp_size > 1)
         if optimizer is not None:
             clip_before_step(optimizer, self.max_norm, self.norm_type)
         return model, optimizer, criterion, dataloader, lr_scheduler
@@ -336,6 +385,55 @@ class HybridParallelPlugin(Plugin):
         if getattr(model, "_ckptio_hybrid", False) and not isinstance(model, FSDPModule):
             return nullcontext()
         return no_sync(model)
+
+    def execute_pipeline(
+        self,
+        data_iter: Iterator[Any],
+        model: nn.Module,
+        criterion: Callable[[Any, Any], torch.Tensor],
+        optimizer: Any = None,
+        return_loss: bool = True,
+        return_outputs: bool = False,
+    ) -> dict[str, Any]:
+        """Forward and backward of one batch through every pipeline stage (ColossalAI's call);
+        then ``optimizer.step()`` and ``optimizer.zero_grad()`` on every rank, as usual.
+
+        Every rank of the step calls it and draws the next batch from ``data_iter`` (ranks of
+        one data-parallel replica must draw the same batch): a dict with ``input_ids`` and
+        ``labels``, an ``(inputs, labels)`` pair, or a tensor (its own labels). The batch is
+        cut into micro-batches; the last stage calls ``criterion(outputs, labels)`` on each
+        (``outputs``: the logits; ColossalAI passes the model's output object and the
+        micro-batch dict instead) and gradients are those of the mean over micro-batches.
+
+        Args:
+            data_iter: an iterator of batches.
+            model: the boosted model (this rank's stage).
+            criterion: ``(logits, labels) -> scalar loss`` of one micro-batch.
+            optimizer: the boosted optimizer (accepted for ColossalAI's signature; not stepped).
+            return_loss: return the loss (on the last stage; None on the others).
+            return_outputs: return the last stage's logits of the whole batch.
+
+        Returns:
+            ``{"loss": tensor or None, "outputs": tensor or None}``.
+        """
+        runner = getattr(model, "_ckptio_pipeline", None)
+        if runner is None:
+            raise ValueError("execute_pipeline needs a model boosted by HybridParallelPlugin(pp_size > 1)")
+        inputs, labels = batch_parts(next(data_iter))
+        batch = int(inputs.shape[0])
+        if self.num_microbatches is not None:
+            microbatches = self.num_microbatches
+        elif self.microbatch_size is not None:
+            microbatches = max(1, batch // self.microbatch_size)
+        else:
+            microbatches = self.pp_size
+        if batch % microbatches:
+            raise ValueError(f"a batch of {batch} sequences does not split into {microbatches} equal micro-batches")
+        device = local_device()
+        out = runner.run(inputs.to(device), labels.to(device), criterion, microbatches, return_outputs)
+        if not return_loss:
+            out["loss"] = None
+        return out
 
     def get_checkpoint_io(self) -> CheckpointIO:
         return self._io

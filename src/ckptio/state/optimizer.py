@@ -351,10 +351,40 @@ STATE_SHAPES: dict[type, ShapeRule] = {
 }
 
 
+def merge_descriptions(descriptions: list[dict[str, Any]]) -> dict[str, Any]:
+    """One description for optimizers that each hold some of a model's parameters (pipeline
+    stages, in stage order): group ``g`` lists every optimizer's parameters of its group ``g``,
+    state and shapes are joined. The groups' settings must agree (they are one optimizer's)."""
+    first = descriptions[0]
+    groups = [dict(g, params=list(g["params"])) for g in first["param_groups"]]
+    state, shapes = dict(first["state"]), dict(first.get("param_shapes") or {})
+    for other in descriptions[1:]:
+        if len(other["param_groups"]) != len(groups):
+            raise CheckpointFormatError(
+                f"the ranks' optimizers have {len(groups)} and {len(other['param_groups'])} param groups; "
+                "build every stage's optimizer with the same groups (empty ones included)"
+            )
+        for g, (mine, theirs) in enumerate(zip(groups, other["param_groups"])):
+            settings = {k: v for k, v in theirs.items() if k != "params"}
+            if settings != {k: v for k, v in mine.items() if k != "params"}:
+                raise CheckpointFormatError(f"param group {g} has different settings on different ranks: {settings}")
+            mine["params"] += [p for p in theirs["params"] if p not in set(mine["params"])]
+        state.update(other["state"])
+        shapes.update(other.get("param_shapes") or {})
+    merged = dict(first, param_groups=groups, state=state)
+    merged["format_version"] = max(d["format_version"] for d in descriptions)
+    merged["named"] = all(d["named"] for d in descriptions)
+    if shapes:
+        merged["param_shapes"] = shapes
+    return merged
+
+
 def match_saved_to_live(
     saved: SavedOptimizer,
     optimizer: torch.optim.Optimizer,
     names: list[str] | None,
+    *,
+    partial: bool = False,
 ) -> tuple[dict[str, Any], dict[int, torch.Tensor]]:
     """Check ``saved`` against the live optimizer and build the ``state_dict`` to load.
 
@@ -363,12 +393,21 @@ def match_saved_to_live(
     so ``lr``, ``initial_lr`` and every setting come back) and the live parameter of each id.
     Parameters are matched by name when both sides have names, else by position; the first
     missing, unexpected or wrongly shaped parameter raises :class:`StateMismatchError`.
+    ``partial``: the optimizer holds some of the saved parameters (a pipeline stage): saved
+    parameters it lacks are not unexpected here (the caller checks that some rank holds each).
     """
     live_groups = optimizer_params(optimizer)
     path = saved.path
     if len(saved.groups) != len(live_groups):
         raise _mismatch(f"it has {len(saved.groups)} param groups, the optimizer has {len(live_groups)}", path)
     by_name = saved.named and names is not None
+    if partial and not by_name:
+        raise _mismatch(
+            "an optimizer holding some of the parameters (a pipeline stage) loads by parameter name, and "
+            + ("the checkpoint names none" if not saved.named else "the optimizer's parameters have no names")
+            + " (boost the model together with the optimizer)",
+            path,
+        )
     live_ids: dict[int, torch.Tensor] = {}
     state: dict[int, dict[str, Any]] = {}
     out_groups = []
@@ -385,7 +424,7 @@ def match_saved_to_live(
                 detail = f" (it is in param group {where})" if where is not None else ""
                 raise _mismatch(f"parameter {missing[0]!r} of param group {g} is not in the checkpoint{detail}", path)
             extra = [k for k in skeys if k not in set(lkeys)]
-            if extra:
+            if extra and not partial:
                 raise _mismatch(f"checkpoint parameter {extra[0]!r} (param group {g}) is not in the optimizer", path)
         else:
             if len(skeys) != len(lgroup):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +97,33 @@ class LoadReport:
                 shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
                 parts.append(f"{len(items)} {title}: {shown}")
         return "; ".join(parts) or "all keys match"
+
+
+def merge_reports(reports: Sequence[LoadReport]) -> LoadReport:
+    """One report for ranks whose models hold different keys (pipeline stages): a checkpoint
+    key is unexpected (or dropped) only when every rank's report says so (no rank takes it);
+    what any rank misses, mismatches, casts or left frozen is listed once, in rank order."""
+
+    def union(items):
+        seen, out = set(), []
+        for item in (x for report in reports for x in items(report)):
+            if str(item) not in seen:
+                seen.add(str(item))
+                out.append(item)
+        return out
+
+    def everywhere(items):
+        common = set(items(reports[0])).intersection(*(items(r) for r in reports[1:]))
+        return [k for k in items(reports[0]) if k in common]
+
+    return LoadReport(
+        missing_keys=union(lambda r: r.missing_keys),
+        unexpected_keys=everywhere(lambda r: r.unexpected_keys),
+        mismatched=union(lambda r: r.mismatched),
+        cast=union(lambda r: r.cast),
+        dropped_keys=everywhere(lambda r: r.dropped_keys),
+        frozen_keys=union(lambda r: r.frozen_keys),
+    )
 
 
 def describe_tensor(dtype: torch.dtype, shape) -> str:

@@ -1,8 +1,10 @@
 """Lower the CPU and I/O priority of the calling thread (Linux; elsewhere a no-op).
 
-The background writer runs at a lower priority than the training loop so that, on a machine
-whose cores the loop keeps busy, the writer's formatting, hashing and page-cache copies take the
-cycles the loop leaves idle instead of the loop's own (docs/design.md, "The writer": measured).
+An option for the background writer (``ckptio.async_io.writer.WRITER_NICE`` / ``WRITER_IO``):
+at a lower priority than the training loop, the writer's formatting, hashing and page-cache
+copies take only the cycles the loop leaves idle. Off by default: on a machine whose cores the
+loop keeps busy the writer then falls behind, and the next checkpoint waits for it
+(docs/design.md, "Async rules": measured).
 On Linux ``setpriority`` and ``ioprio_set`` address one thread by its id, and threads the writer
 starts inherit both. A process can lower its priority but not raise it back without privilege,
 so only a thread that ends with the save calls this (the saver starts a thread per save).

@@ -45,9 +45,12 @@ T = TypeVar("T")
 _LIVE: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
 
 #: Priority of the writing half (after the copy, which runs at the loop's priority: the loop may
-#: be waiting for it). Measured on the 2-core reference machine: docs/design.md, "The writer".
-WRITER_NICE = 19
-WRITER_IO = "idle"
+#: be waiting for it): ``nice`` added and I/O class ("idle", "low" or None). The default leaves
+#: the loop's priority: measured on the 2-core reference machine (docs/design.md, "Async rules"),
+#: nice 19 + idle I/O did not make the loop faster, and a writer starved by a loop that keeps
+#: every core busy was still writing when the next checkpoint came, which then waited for it.
+WRITER_NICE = 0
+WRITER_IO: str | None = None
 
 
 class Completion:

@@ -17,9 +17,11 @@ _AWS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT", "AWS_ACCESS_K
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
+def clean_env(monkeypatch, tmp_path):
     import fsspec.config
 
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
     for name in _AWS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setitem(fsspec.config.conf, "s3", {})
@@ -45,6 +47,19 @@ def test_standard_variables_fill_what_the_options_leave(monkeypatch):
     assert config == {"endpoint": "http://e:1", "access_key_id": "K", "secret_access_key": "envsecret",
                       "region": "eu-west-1"}  # fmt: skip
     assert client == {"allow_http": True}
+
+
+def test_credentials_or_region_only_botocore_would_find_go_to_s3fs(monkeypatch, tmp_path):
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "credentials").write_text("[default]\naws_access_key_id = K\n")
+    assert s3_client.obstore_config({"client_kwargs": {"region_name": "r"}}) is None
+    assert s3_client.obstore_config({"key": "K", "secret": "S", "client_kwargs": {"region_name": "r"}}) is not None
+    (tmp_path / ".aws" / "config").write_text("[default]\nregion = eu-west-1\n")
+    assert s3_client.obstore_config({"key": "K", "secret": "S"}) is None
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert s3_client.obstore_config({"key": "K", "secret": "S"}) is not None
+    monkeypatch.setenv("AWS_PROFILE", "work")
+    assert s3_client.obstore_config({"key": "K", "secret": "S"}) is None
 
 
 def test_default_is_obstore_and_s3fs_can_be_forced(monkeypatch):

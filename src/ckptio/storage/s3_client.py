@@ -9,7 +9,8 @@ The options users already pass for s3fs are mapped onto obstore's S3 config (``e
 from ``storage_options`` over fsspec's own config (``fsspec.config.conf["s3"]``, the
 ``FSSPEC_S3_*`` variables) over the standard ``AWS_*`` variables. An option obstore cannot
 honour is never ignored silently: the URL goes to s3fs instead (or, when obstore was asked for
-by name, the save or load is refused).
+by name, the save or load is refused). So does a URL whose credentials or region would come
+from ``AWS_PROFILE`` or the shared ``~/.aws`` files, which obstore does not read.
 
 obstore's runtime (tokio) does not survive ``fork()``: a process forked after its parent used
 obstore hangs on its first request. Such a process (a rank started with ``fork`` by a parent that
@@ -98,8 +99,23 @@ def obstore_config(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     if options.get("anon"):
         config = {k: v for k, v in config.items() if k in ("endpoint", "region")}
         config["skip_signature"] = True
+    if _needs_botocore(config):
+        return None
     client_options = {"allow_http": True} if str(config.get("endpoint", "")).startswith("http://") else {}
     return config, client_options
+
+
+def _needs_botocore(config: dict[str, Any]) -> bool:
+    """Whether the credentials or region would come from what only s3fs (botocore) reads: a named
+    profile, or the shared ``~/.aws`` files when neither the options nor the variables give them."""
+    if os.environ.get("AWS_PROFILE"):
+        return True
+    aws = os.path.expanduser("~/.aws")
+    credentials = os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(aws, "credentials")
+    settings = os.environ.get("AWS_CONFIG_FILE") or os.path.join(aws, "config")
+    if "access_key_id" not in config and not config.get("skip_signature") and os.path.exists(credentials):
+        return True
+    return "region" not in config and os.path.exists(settings)
 
 
 def _merged_options(storage_options: dict[str, Any] | None) -> dict[str, Any]:

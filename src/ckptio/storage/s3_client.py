@@ -174,7 +174,9 @@ def _filesystem_class():
             return super().write(data if type(data) is bytes else bytes(data))
 
         def discard(self) -> None:
-            """Drop the upload: obstore's writer, never closed, never completes the object."""
+            """Drop the upload: obstore's writer, never closed, never completes the object. Parts
+            already sent (objects over 10 MiB) stay as an invisible incomplete multipart upload
+            until the bucket's lifecycle rule removes it: obstore 0.12 has no abort (s3fs aborts)."""
             self.closed = True
 
     class ObstoreS3FileSystem(AbstractFileSystem):

@@ -1,8 +1,8 @@
-"""Object-store clients side by side: s3fs (what ckptio uses through fsspec) against obstore (a
-Rust-backed client with an fsspec adapter), on the same S3 server, in one run.
+"""Object-store clients side by side: s3fs against obstore (a Rust-backed client) through its own
+fsspec adapter and through ckptio's filesystem over it (``ckptio.storage.s3_client``, what
+ckptio uses for s3:// when obstore is installed), on the same S3 server, in one run.
 
-    .venv/bin/python -m pip install obstore    # not a dependency: only this comparison uses it
-    .venv/bin/python benchmarks/stores.py --mib 64 --repeats 5
+    PYTHONPATH=src .venv/bin/python benchmarks/stores.py --mib 64 --repeats 5
 
 The server is moto's, started on 127.0.0.1 (no real store is reachable from here), so the
 figures say how much each client costs on top of one and the same server, not what S3 gives.
@@ -42,13 +42,18 @@ def _clients(endpoint: str, bucket: str):
         },
         client_options={"allow_http": True},
     )
-    return {"s3fs": s3, "obstore": obs}
+    from ckptio.storage.s3_client import ObstoreS3FileSystem
+
+    config = {"endpoint": endpoint, "access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
+    ours = ObstoreS3FileSystem(config=config, client_options={"allow_http": True})
+    return {"s3fs": s3, "obstore": obs, "ckptio": ours}
 
 
 def _upload(fs, path: str, data: bytes) -> None:
+    view = memoryview(data)  # ckptio hands the store views of its buffers (ckptio's client copies them)
     with fs.open(path, "wb") as fh:
         for start in range(0, len(data), CHUNK):
-            fh.write(data[start : start + CHUNK])
+            fh.write(view[start : start + CHUNK])
 
 
 def _download(fs, path: str) -> int:

@@ -37,3 +37,14 @@ def s3(s3_server, monkeypatch):
     fs.invalidate_cache()
     yield f"s3://{bucket}"
     fs.invalidate_cache()
+
+
+@pytest.fixture(params=["obstore", "s3fs"])
+def s3_client(request, monkeypatch):
+    """Runs a test once per client: obstore (the default when installed) and s3fs (forced)."""
+    if request.param == "obstore":
+        pytest.importorskip("obstore", reason="obstore is not installed")
+        monkeypatch.delenv("CKPTIO_S3_CLIENT", raising=False)
+    else:
+        monkeypatch.setenv("CKPTIO_S3_CLIENT", "s3fs")
+    return request.param

@@ -114,7 +114,8 @@ def _worker(rank: int, workdir, url: str, results) -> None:
         os._exit(0)
 
 
-def test_a_rank_killed_mid_upload_leaves_the_previous_checkpoint(s3, tmp_path):
+def test_a_rank_killed_mid_upload_leaves_the_previous_checkpoint(s3, s3_client, tmp_path):
+    """Ranks forked here get s3fs once this process has used obstore (s3_client.py says why)."""
     url = f"{s3}/killed/model"
     ctx = mp.get_context("fork")
     results = ctx.Queue()

@@ -34,8 +34,10 @@ def listing(url: str) -> list[str]:
     return sorted(p[len(root) + 1 :] for p in fs.find(root))
 
 
-def test_sharded_model_round_trip_and_layout(s3):
+def test_sharded_model_round_trip_and_layout(s3, s3_client):
     url = f"{s3}/run/model"
+    fs, _ = fsspec_storage.filesystem(url)
+    assert type(fs).__name__ == {"obstore": "ObstoreS3FileSystem", "s3fs": "S3FileSystem"}[s3_client]
     model, other = make_model(0), make_model(1)
     booster = Booster()
     booster.save_model(model, url, shard=True, size_per_shard=0.002, use_safetensors=True)
@@ -108,7 +110,7 @@ def test_interrupted_save_is_never_loaded(s3, monkeypatch):
     assert same(dest, newer)
 
 
-def test_upload_dying_mid_file_leaves_no_object(s3, monkeypatch):
+def test_upload_dying_mid_file_leaves_no_object(s3, s3_client, monkeypatch):
     """A single-file save whose upload fails midway: the object never appears (multipart aborted)."""
     url = f"{s3}/w/model.bin"
     real = fsspec_storage.FsspecFileWriter._open_object
@@ -139,6 +141,24 @@ def test_upload_dying_mid_file_leaves_no_object(s3, monkeypatch):
     fs, path = fsspec_storage.filesystem(url)
     fs.invalidate_cache()
     assert not fs.exists(path)
+
+
+def test_a_buffer_reused_after_write_uploads_what_it_held_at_the_write(s3, s3_client):
+    """torch.save and the staging buffers reuse their memory once write() returns; obstore's
+    writer keeps a reference to what it was given until it sends the part."""
+    fs, root = fsspec_storage.filesystem(f"{s3}/reuse")
+    buf = bytearray(3 * 1024 * 1024)
+    expected = b"".join(bytes([i + 1]) * len(buf) for i in range(4))
+    writer = fsspec_storage.FsspecFileWriter(fs, root)
+
+    def chunks():
+        for i in range(4):
+            buf[:] = bytes([i + 1]) * len(buf)
+            yield memoryview(buf)
+
+    record = writer.write("x.bin", chunks())
+    assert record.size == len(expected)
+    assert fs.cat_file(f"{root}/x.bin") == expected
 
 
 def test_optimizer_and_training_checkpoint_round_trip(s3):

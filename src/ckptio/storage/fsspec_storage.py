@@ -41,7 +41,7 @@ from ckptio.errors import (
 )
 from ckptio.formats.naming import COMMIT_MARKER, MANIFEST, REMOTE_VERSION_PREFIX
 from ckptio.progress import Progress
-from ckptio.storage import reading
+from ckptio.storage import reading, s3_client
 from ckptio.storage.base import Commit, FileRecord, FileWriter, HashingStream, check_abandoned, new_hasher
 from ckptio.storage.marker import MAX_MARKER_BYTES, incomplete, marker_bytes, parse_marker
 from ckptio.storage.urls import is_url, url_basename
@@ -50,11 +50,17 @@ _CHUNK = 8 * 1024 * 1024
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):
-    """``(fs, path)`` for a URL; options come from ``storage_options`` or fsspec's config/env."""
+    """``(fs, path)`` for a URL; options come from ``storage_options`` or fsspec's config/env.
+    ``s3://`` goes to obstore when it is installed, else s3fs (:mod:`ckptio.storage.s3_client`)."""
     try:
         import fsspec
     except ImportError as exc:  # pragma: no cover - fsspec is a dependency
         raise CheckpointError("fsspec is needed for URL checkpoints: pip install fsspec", path=url) from exc
+    if url.startswith("s3://"):
+        fs = s3_client.s3_filesystem(url, storage_options)
+        if fs is not None:
+            return fs, fs._strip_protocol(url).rstrip("/")
+        storage_options = s3_client.without_client(storage_options)
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError) as exc:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Collection, Iterator
@@ -344,35 +345,18 @@ def _write_files(
             if mine is None or error is not None:
                 continue
             name, tensors, reusable = mine
+            write = functools.partial(
+                write_weights_file, writer, name, tensors, spec.use_safetensors,
+                extra_state=extra, metadata=metadata, reuse=reusable,
+            )  # fmt: skip
             if pool is None:
                 try:
-                    records.append(
-                        write_weights_file(
-                            writer,
-                            name,
-                            tensors,
-                            spec.use_safetensors,
-                            extra_state=extra,
-                            metadata=metadata,
-                            reuse=reusable,
-                        )  # fmt: skip
-                    )
+                    records.append(write())
                 except Exception as exc:  # noqa: BLE001 (reported to every rank after the loop)
                     error = exc
             else:
-                pending.append(
-                    pool.submit(
-                        write_weights_file,
-                        writer,
-                        name,
-                        tensors,
-                        spec.use_safetensors,
-                        extra_state=extra,
-                        metadata=metadata,
-                        reuse=reusable,
-                    )  # fmt: skip
-                )
-            del mine, tensors
+                pending.append(pool.submit(write))
+            del mine, tensors, write
         settle(0)
     finally:
         if pool is not None:

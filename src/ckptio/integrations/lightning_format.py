@@ -39,6 +39,7 @@ from ckptio.engine.write import WriteSpec
 from ckptio.errors import CheckpointCorruptError, CheckpointFormatError, CheckpointNotFoundError
 from ckptio.formats import dtypes, naming, tagged_json
 from ckptio.formats.hf_index import index_json, read_json_file
+from ckptio.formats.versioned import check_versioned
 from ckptio.layouts.model import MiB, ModelSaveOptions, model_metadata
 from ckptio.state.stateful import tensor_key
 from ckptio.state_dict import load_state_dict
@@ -143,11 +144,9 @@ def load_lightning_checkpoint(
         check_against_manifest(folder, list(manifest.files), checksums=verify)
         document_path = folder / naming.LIGHTNING_DOCUMENT
         document = read_json_file(document_path, what="Lightning checkpoint")
-        if not isinstance(document, dict) or document.get("format") != FORMAT:
-            raise CheckpointFormatError(f"not a ckptio Lightning checkpoint (format {FORMAT!r})", path=document_path)
-        version = document.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointFormatError(f"format_version {version!r} is not supported", path=document_path)
+        check_versioned(
+            document, format=FORMAT, max_version=FORMAT_VERSION, what="Lightning checkpoint", path=document_path
+        )
         refs: list[dict[str, Any]] = []
 
         def on_ref(body: Any) -> Any:

@@ -25,6 +25,7 @@ import torch
 from ckptio.errors import CheckpointFormatError, CheckpointNotFoundError, StateMismatchError
 from ckptio.formats import tagged_json, torch_format
 from ckptio.formats.hf_index import read_json_file
+from ckptio.formats.versioned import check_versioned
 from ckptio.layouts.detect import detect, torch_kind, wrong_kind
 
 FORMAT = "ckptio-lr-scheduler"  # the JSON files of earlier versions (read only)
@@ -58,9 +59,7 @@ def read_lr_scheduler_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     located = detect(path, "lr_scheduler")  # a file of another kind is named as what it is
     if located.layout == "json":
         data = read_json_file(path, what="LR scheduler file")
-        version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointFormatError(f"LR scheduler format_version {version!r} is not supported", path=path)
+        check_versioned(data, format=None, max_version=FORMAT_VERSION, what="LR scheduler file", path=path)
         if not isinstance(data.get("state"), dict):
             raise CheckpointFormatError("LR scheduler file has no 'state' object", path=path)
         try:

@@ -38,6 +38,7 @@ from torch import nn
 
 from ckptio.errors import CheckpointFormatError, StateMismatchError
 from ckptio.formats import dtypes, tagged_json
+from ckptio.formats.versioned import check_versioned
 from ckptio.state.model import clean_key, unwrap_model
 
 FORMAT = "ckptio-optimizer"
@@ -246,13 +247,7 @@ class SavedOptimizer:
 
 def saved_from_description(desc: Any, *, path: str | None = None) -> SavedOptimizer:
     """Parse the JSON written by :func:`flatten_optimizer_state` (validated, nothing trusted)."""
-    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
-        raise CheckpointFormatError(f"not a ckptio optimizer description (format {FORMAT!r} expected)", path=path)
-    version = desc.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"optimizer format_version {version!r} is not supported (this ckptio reads <= {FORMAT_VERSION})", path=path
-        )
+    check_versioned(desc, format=FORMAT, max_version=FORMAT_VERSION, what="optimizer description", path=path)
     groups, state = desc.get("param_groups"), desc.get("state")
     if not isinstance(groups, list) or not isinstance(state, dict):
         raise CheckpointFormatError("optimizer description needs 'param_groups' (list) and 'state' (object)", path=path)

@@ -19,6 +19,7 @@ import torch
 
 from ckptio.errors import CheckpointFormatError
 from ckptio.formats import tagged_json
+from ckptio.formats.versioned import check_versioned
 from ckptio.state.optimizer import TensorRef
 
 FORMAT = "ckptio-stateful"
@@ -64,11 +65,7 @@ def flatten(state: Any, *, what: str) -> tuple[dict[str, torch.Tensor], dict[str
 
 def parse(document: Any, *, path: str) -> dict[str, Any]:
     """The state of a JSON document written by :func:`flatten`, tensors still :class:`TensorRef`."""
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise CheckpointFormatError(f"not a ckptio stateful-object file (format {FORMAT!r} expected)", path=path)
-    version = document.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointFormatError(f"format_version {version!r} is not supported", path=path)
+    check_versioned(document, format=FORMAT, max_version=FORMAT_VERSION, what="stateful-object file", path=path)
     try:
         state = tagged_json.decode(document.get("state"), lambda body: TensorRef.from_json(body, path=path))
     except ValueError as exc:

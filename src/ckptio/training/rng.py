@@ -18,6 +18,7 @@ import torch
 
 from ckptio.errors import CheckpointFormatError
 from ckptio.formats import naming
+from ckptio.formats.versioned import check_versioned
 
 FORMAT = "ckptio-rng"
 FORMAT_VERSION = 1
@@ -120,11 +121,7 @@ def prepare_rng_restore(state: Any, *, path: str | None = None) -> Callable[[], 
     Each part is tried on a scratch generator first, so a bad file is refused before any
     global generator moves (not after Python's was already reset).
     """
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointFormatError(f"not a ckptio RNG state file (format {FORMAT!r} expected)", path=path)
-    version = state.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointFormatError(f"RNG state format_version {version!r} is not supported", path=path)
+    check_versioned(state, format=FORMAT, max_version=FORMAT_VERSION, what="RNG state file", path=path)
     try:
         py = state["python"]
         python_state = (py["version"], tuple(py["state"]), py["gauss_next"])
